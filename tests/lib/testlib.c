@@ -1,0 +1,62 @@
+#include "check.h"
+
+#include <errno.h>
+
+#include "waypoint/base/alloc.h"
+
+int check_failures;
+const char *check_current;
+
+unsigned check_failalloc_run(int (*body)(void *arg), void *arg)
+{
+        unsigned long k;
+
+        for (k = 1; k < 100000; k++) {
+                wp_alloc_fail_at(k);
+                int r = body(arg);
+                int fired = wp_alloc_failed();
+                wp_alloc_fail_at(0);
+                if (!fired) {
+                        if (r < 0) {
+                                fprintf(stderr, "failalloc: body failed (%d) without injection\n",
+                                        r);
+                                check_failures++;
+                        }
+                        return (unsigned)(k - 1);
+                }
+                if (r >= 0 && r != 0) {
+                        fprintf(stderr, "failalloc: odd return %d at k=%lu\n", r, k);
+                        check_failures++;
+                }
+        }
+        fprintf(stderr, "failalloc: gave up after %lu points\n", k);
+        check_failures++;
+        return (unsigned)k;
+}
+
+char *check_read_test_file(const char *relpath, size_t *ret_len)
+{
+        const char *dir = getenv("WP_TEST_SRCDIR");
+        char path[4096];
+        FILE *f;
+        char *buf;
+        long n;
+
+        snprintf(path, sizeof(path), "%s/%s", dir ? dir : "tests", relpath);
+        f = fopen(path, "rb");
+        if (!f) {
+                fprintf(stderr, "cannot open %s: %s\n", path, strerror(errno));
+                exit(99);
+        }
+        fseek(f, 0, SEEK_END);
+        n = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        buf = malloc((size_t)n + 1);
+        if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n)
+                exit(99);
+        buf[n] = 0;
+        fclose(f);
+        if (ret_len)
+                *ret_len = (size_t)n;
+        return buf;
+}
