@@ -1,0 +1,414 @@
+/*
+ * waypoint: argv/env, identity, config, workers, signals. Wiring only.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "waypoint/base/alloc.h"
+#include "waypoint/base/log.h"
+#include "waypoint/base/tls.h"
+#include "waypoint/base/x509.h"
+#include "waypoint/daemon.h"
+#include "waypoint/snapshot.h"
+#include "xds-client/resources.h"
+
+#define PEM_MAX (1 << 20)
+
+static volatile sig_atomic_t got_signal;
+
+static void on_signal(int sig)
+{
+        got_signal = sig;
+}
+
+static void usage(FILE *f)
+{
+        fputs("usage: waypoint [options]\n"
+              "  --config-file FILE          xDS resources (istiod's JSON/YAML mapping)\n"
+              "  --cert-file FILE            own certificate chain (PEM, leaf first)\n"
+              "  --key-file FILE             own private key (PEM)\n"
+              "  --root-cert FILE            mesh root certificate(s) (PEM)\n"
+              "  --trust-domain TD           peers must be spiffe://TD/... (cluster.local)\n"
+              "  --hbone-address IP:PORT     HBONE listener (0.0.0.0:15008)\n"
+              "  --admin-address IP:PORT     admin (127.0.0.1:15000)\n"
+              "  --status-address IP:PORT    /healthz/ready (0.0.0.0:15021)\n"
+              "  --concurrency N             worker threads (available CPUs)\n"
+              "  --io-backend uring|epoll|auto\n"
+              "  --log-level LEVEL           trace|debug|info|warn|error|off\n"
+              "  --upstream-hbone-port PORT  destination ztunnel port (from config: 15008)\n"
+              "  --connect-timeout-ms MS     upstream connect timeout (from config: 10000)\n"
+              "  --handshake-timeout-ms MS   TLS handshake deadline (10000)\n"
+              "  --max-concurrent-streams N  per downstream connection (100)\n"
+              "  --stream-window BYTES       HTTP/2 stream window (4 MiB)\n"
+              "  --connection-window BYTES   HTTP/2 connection window (16 MiB)\n"
+              "  --pool-idle-ms MS           idle upstream connections close after (300000)\n"
+              "  --drain-ms MS               drain period on SIGTERM (5000)\n",
+              f);
+}
+
+static int parse_u32(const char *s, uint32_t min, uint32_t max, uint32_t *ret)
+{
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(s, &end, 10);
+        if (errno || *end || end == s || v < min || v > max)
+                return -EINVAL;
+        *ret = (uint32_t)v;
+        return 0;
+}
+
+enum {
+        OPT_CONFIG = 256,
+        OPT_CERT,
+        OPT_KEY,
+        OPT_ROOT,
+        OPT_TD,
+        OPT_HBONE,
+        OPT_ADMIN,
+        OPT_STATUS,
+        OPT_CONC,
+        OPT_BACKEND,
+        OPT_LOG,
+        OPT_UPPORT,
+        OPT_CTO,
+        OPT_HTO,
+        OPT_MCS,
+        OPT_SWIN,
+        OPT_CWIN,
+        OPT_IDLE,
+        OPT_DRAIN,
+        OPT_IGNORED,
+};
+
+static const struct option long_opts[] = {
+        {"config-file", required_argument, NULL, OPT_CONFIG},
+        {"cert-file", required_argument, NULL, OPT_CERT},
+        {"key-file", required_argument, NULL, OPT_KEY},
+        {"root-cert", required_argument, NULL, OPT_ROOT},
+        {"trust-domain", required_argument, NULL, OPT_TD},
+        {"hbone-address", required_argument, NULL, OPT_HBONE},
+        {"admin-address", required_argument, NULL, OPT_ADMIN},
+        {"status-address", required_argument, NULL, OPT_STATUS},
+        {"concurrency", required_argument, NULL, OPT_CONC},
+        {"io-backend", required_argument, NULL, OPT_BACKEND},
+        {"log-level", required_argument, NULL, OPT_LOG},
+        {"upstream-hbone-port", required_argument, NULL, OPT_UPPORT},
+        {"connect-timeout-ms", required_argument, NULL, OPT_CTO},
+        {"handshake-timeout-ms", required_argument, NULL, OPT_HTO},
+        {"max-concurrent-streams", required_argument, NULL, OPT_MCS},
+        {"stream-window", required_argument, NULL, OPT_SWIN},
+        {"connection-window", required_argument, NULL, OPT_CWIN},
+        {"pool-idle-ms", required_argument, NULL, OPT_IDLE},
+        {"drain-ms", required_argument, NULL, OPT_DRAIN},
+        /* accepted for the stock Deployment's pilot-agent argv */
+        {"domain", required_argument, NULL, OPT_IGNORED},
+        {"serviceCluster", required_argument, NULL, OPT_IGNORED},
+        {"proxyLogLevel", required_argument, NULL, OPT_IGNORED},
+        {"proxyComponentLogLevel", required_argument, NULL, OPT_IGNORED},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+};
+
+static int parse_args(int argc, char **argv, struct wp_options *o)
+{
+        uint32_t v;
+        int c, lvl;
+
+        while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
+                switch (c) {
+                case OPT_CONFIG:
+                        o->config_file = optarg;
+                        break;
+                case OPT_CERT:
+                        o->cert_file = optarg;
+                        break;
+                case OPT_KEY:
+                        o->key_file = optarg;
+                        break;
+                case OPT_ROOT:
+                        o->root_cert = optarg;
+                        break;
+                case OPT_TD:
+                        o->trust_domain = optarg;
+                        break;
+                case OPT_HBONE:
+                case OPT_ADMIN:
+                case OPT_STATUS: {
+                        struct wp_addr *a = c == OPT_HBONE   ? &o->hbone_addr
+                                            : c == OPT_ADMIN ? &o->admin_addr
+                                                             : &o->status_addr;
+                        if (wp_addr_parse(optarg, a) < 0) {
+                                fprintf(stderr, "invalid address: %s\n", optarg);
+                                return -EINVAL;
+                        }
+                        break;
+                }
+                case OPT_CONC:
+                        if (parse_u32(optarg, 1, 1024, &v) < 0)
+                                goto bad;
+                        o->concurrency = v;
+                        break;
+                case OPT_BACKEND:
+                        lvl = wp_io_backend_parse(optarg);
+                        if (lvl < 0)
+                                goto bad;
+                        o->io_backend = (enum wp_io_backend)lvl;
+                        break;
+                case OPT_LOG:
+                        lvl = wp_log_level_parse(optarg);
+                        if (lvl < 0)
+                                goto bad;
+                        wp_log_set_level((enum wp_log_level)lvl);
+                        break;
+                case OPT_UPPORT:
+                        if (parse_u32(optarg, 1, 65535, &v) < 0)
+                                goto bad;
+                        o->upstream_hbone_port = (uint16_t)v;
+                        break;
+                case OPT_CTO:
+                        if (parse_u32(optarg, 1, 3600000, &o->connect_timeout_ms) < 0)
+                                goto bad;
+                        break;
+                case OPT_HTO:
+                        if (parse_u32(optarg, 1, 3600000, &o->handshake_timeout_ms) < 0)
+                                goto bad;
+                        break;
+                case OPT_MCS:
+                        if (parse_u32(optarg, 1, 1u << 20, &o->lim.max_concurrent_streams) < 0)
+                                goto bad;
+                        break;
+                case OPT_SWIN:
+                        if (parse_u32(optarg, 65535, 0x7fffffff, &o->lim.initial_stream_window) <
+                            0)
+                                goto bad;
+                        break;
+                case OPT_CWIN:
+                        if (parse_u32(optarg, 65535, 0x7fffffff, &o->lim.initial_conn_window) < 0)
+                                goto bad;
+                        break;
+                case OPT_IDLE:
+                        if (parse_u32(optarg, 1, 86400000, &o->pool_idle_ms) < 0)
+                                goto bad;
+                        break;
+                case OPT_DRAIN:
+                        if (parse_u32(optarg, 0, 86400000, &o->drain_ms) < 0)
+                                goto bad;
+                        break;
+                case OPT_IGNORED:
+                        break;
+                case 'h':
+                        usage(stdout);
+                        exit(0);
+                default:
+                        usage(stderr);
+                        return -EINVAL;
+                }
+                continue;
+        bad:
+                fprintf(stderr, "invalid value for --%s: %s\n", long_opts[c - OPT_CONFIG].name,
+                        optarg);
+                return -EINVAL;
+        }
+        /* pilot-agent's positional "proxy waypoint" */
+        for (int i = optind; i < argc; i++)
+                if (strcmp(argv[i], "proxy") && strcmp(argv[i], "waypoint")) {
+                        fprintf(stderr, "unexpected argument: %s\n", argv[i]);
+                        return -EINVAL;
+                }
+        return 0;
+}
+
+static int load_tls(struct wp_runtime *rt)
+{
+        const struct wp_options *o = &rt->opts;
+        char *cert = NULL, *key = NULL, *root = NULL;
+        const char *err = NULL;
+        int r;
+
+        if (!o->cert_file || !o->key_file || !o->root_cert) {
+                wp_error("main", "--cert-file, --key-file and --root-cert are required (istiod "
+                                 "CA support comes with the control-plane issue)");
+                return -EINVAL;
+        }
+        if ((r = wp_read_file(o->cert_file, PEM_MAX, &cert, NULL)) < 0 ||
+            (r = wp_read_file(o->key_file, PEM_MAX, &key, NULL)) < 0 ||
+            (r = wp_read_file(o->root_cert, PEM_MAX, &root, NULL)) < 0) {
+                wp_error("main", "cannot read certificate files: %s", strerror(-r));
+                goto out;
+        }
+        struct wp_tls_ctx_config sc = {
+                .server = true,
+                .cert_chain_pem = cert,
+                .key_pem = key,
+                .root_pem = root,
+                .trust_domain = o->trust_domain,
+                .require_peer_cert = true,
+        };
+        r = wp_tls_ctx_new(&sc, &rt->server_tls, &err);
+        if (r < 0) {
+                wp_error("main", "server TLS: %s", err ? err : strerror(-r));
+                goto out;
+        }
+        struct wp_tls_ctx_config cc = sc;
+        cc.server = false;
+        r = wp_tls_ctx_new(&cc, &rt->client_tls, &err);
+        if (r < 0) {
+                wp_error("main", "client TLS: %s", err ? err : strerror(-r));
+                goto out;
+        }
+        wp_info("main", "identity %s", wp_tls_ctx_own_uri(rt->server_tls));
+out:
+        wp_free(cert);
+        wp_free(key);
+        wp_free(root);
+        return r;
+}
+
+void wp_runtime_publish(struct wp_runtime *rt, struct wp_snapshot *s)
+{
+        struct wp_snapshot *old;
+
+        pthread_mutex_lock(&rt->snap_lock);
+        old = rt->current;
+        rt->current = s;
+        atomic_fetch_add_explicit(&rt->snap_version, 1, memory_order_release);
+        pthread_mutex_unlock(&rt->snap_lock);
+        wp_snapshot_unref(old);
+        for (unsigned i = 0; i < rt->nworkers; i++)
+                if (rt->workers[i])
+                        wp_worker_wake(rt->workers[i]);
+}
+
+struct wp_snapshot *wp_runtime_snapshot(struct wp_runtime *rt)
+{
+        struct wp_snapshot *s;
+
+        pthread_mutex_lock(&rt->snap_lock);
+        s = wp_snapshot_ref(rt->current);
+        pthread_mutex_unlock(&rt->snap_lock);
+        return s;
+}
+
+static int load_config(struct wp_runtime *rt)
+{
+        struct xds_resources *res = NULL;
+        struct wp_snapshot *s = NULL;
+        const char *err = NULL;
+        char *berr = NULL;
+        int r;
+
+        if (!rt->opts.config_file) {
+                wp_error("main", "--config-file is required (xDS from istiod comes with the "
+                                 "control-plane issue)");
+                return -EINVAL;
+        }
+        r = xds_resources_load_file(rt->opts.config_file, &res, &err);
+        if (r < 0) {
+                wp_error("config", "%s: %s", rt->opts.config_file, err ? err : strerror(-r));
+                return r;
+        }
+        r = wp_snapshot_build(res, &s, &berr);
+        if (r < 0) {
+                wp_error("config", "%s: rejected: %s", rt->opts.config_file,
+                         berr ? berr : strerror(-r));
+                wp_free(berr);
+                xds_resources_free(res);
+                return r;
+        }
+        if (rt->opts.upstream_hbone_port)
+                s->hbone_port = rt->opts.upstream_hbone_port;
+        wp_info("config", "%s: %zu chains, %zu clusters", rt->opts.config_file, s->nchains,
+                s->nclusters);
+        for (size_t i = 0; i < s->nchains; i++)
+                if (s->chains[i].kind == WP_CHAIN_UNSUPPORTED)
+                        wp_warn("config", "chain %s: %s not supported yet: its tunnels get 501",
+                                s->chains[i].name, s->chains[i].unsupported);
+        wp_runtime_publish(rt, s);
+        return 0;
+}
+
+int main(int argc, char **argv)
+{
+        static struct wp_runtime rt;
+        struct wp_options *o = &rt.opts;
+        long ncpu;
+        int r;
+
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        signal(SIGPIPE, SIG_IGN);
+        pthread_mutex_init(&rt.snap_lock, NULL);
+        rt.start_time = (int64_t)time(NULL);
+        hbone_limits_default(&o->lim);
+        o->trust_domain = "cluster.local";
+        o->io_backend = WP_IO_AUTO;
+        o->handshake_timeout_ms = 10000;
+        o->pool_idle_ms = 300000;
+        o->drain_ms = 5000;
+        wp_addr_parse("0.0.0.0:15008", &o->hbone_addr);
+        wp_addr_parse("127.0.0.1:15000", &o->admin_addr);
+        wp_addr_parse("0.0.0.0:15021", &o->status_addr);
+        o->status_addr.set = false;
+        o->admin_addr.set = false;
+        o->hbone_addr.set = false;
+        if (parse_args(argc, argv, o) < 0)
+                return 2;
+        if (!o->concurrency) {
+                ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+                o->concurrency = ncpu > 0 ? (unsigned)ncpu : 1;
+        }
+        if (load_tls(&rt) < 0 || load_config(&rt) < 0)
+                return 1;
+
+        rt.workers = wp_xcalloc(o->concurrency, sizeof(*rt.workers));
+        for (unsigned i = 0; i < o->concurrency; i++) {
+                const char *err = NULL;
+
+                r = wp_worker_start(&rt, i, &rt.workers[i], &err);
+                if (r < 0) {
+                        wp_error("main", "worker %u: %s: %s", i, err, strerror(-r));
+                        return 1;
+                }
+                rt.nworkers = i + 1;
+        }
+        if (rt.backend_note)
+                wp_warn("main", "%s", rt.backend_note);
+        wp_info("main", "%u workers on %s, HBONE on port %u", rt.nworkers,
+                wp_io_backend_name(rt.backend),
+                ntohs(((struct sockaddr_in *)&o->hbone_addr.ss)->sin_port));
+        if (wp_admin_start(&rt, &o->admin_addr, true) < 0 ||
+            (o->status_addr.set && wp_admin_start(&rt, &o->status_addr, false) < 0))
+                return 1;
+        atomic_store(&rt.ready, true);
+
+        struct sigaction sa = {.sa_handler = on_signal};
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        while (!got_signal && !atomic_load(&rt.draining))
+                pause();
+        wp_info("main", "draining (%s), up to %u ms", got_signal ? strsignal(got_signal) : "admin",
+                o->drain_ms);
+        atomic_store(&rt.ready, false);
+        atomic_store(&rt.draining, true);
+        for (unsigned i = 0; i < rt.nworkers; i++)
+                wp_worker_wake(rt.workers[i]);
+        for (unsigned i = 0; i < rt.nworkers; i++)
+                wp_worker_join(rt.workers[i]);
+        for (unsigned i = 0; i < rt.nworkers; i++)
+                wp_worker_free(rt.workers[i]);
+        rt.nworkers = 0;
+        wp_free(rt.workers);
+        wp_runtime_publish(&rt, NULL);
+        wp_tls_ctx_unref(rt.server_tls);
+        wp_tls_ctx_unref(rt.client_tls);
+        wp_info("main", "exit");
+        return 0;
+}

@@ -1,0 +1,936 @@
+/*
+ * Compiles xDS resources into a wp_snapshot (see snapshot.h).
+ *
+ * What is read, as istiod generates it for a waypoint (ISTIO-CONTRACT §2.3-2.6):
+ *  - Listener `main_internal`: filter_chain_matcher (xds.type.matcher.v3.Matcher) and its named
+ *    filter chains. Chains with tcp_proxy are served; chains whose filters we do not implement
+ *    yet (HTTP connection manager, network RBAC, ...) compile as "unsupported" so their tunnels
+ *    are refused with 501 rather than passed without the policy they carry.
+ *  - Clusters: EDS (endpoints from the ClusterLoadAssignment named by eds_cluster_config or the
+ *    cluster name), STATIC (inline load_assignment), ORIGINAL_DST `connect_originate` (upstream
+ *    port override and connect timeout for HBONE upstreams).
+ *  - Endpoints: envoy_internal_address to `connect_originate` = HBONE to the pod (address from
+ *    filter_metadata["envoy.filters.listener.original_dst"].local, else endpoint_id); without a
+ *    target it is the passthrough `encap` cluster; socket_address = plain TCP.
+ * Anything malformed is rejected with the resource and field named.
+ */
+#include "waypoint/snapshot.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hbone/hbone.h"
+#include "waypoint/base/alloc.h"
+#include "xds-client/pbjson.h"
+#include "xds-client/resources.h"
+
+#define TYPE_PREFIX "type.googleapis.com/"
+#define INPUT_DST_IP TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput"
+#define INPUT_DST_PORT TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput"
+#define INPUT_APP_PROTO TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput"
+#define INPUT_TRANSPORT TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput"
+#define IP_MATCHER TYPE_PREFIX "xds.type.matcher.v3.IPMatcher"
+#define STRING_VALUE TYPE_PREFIX "google.protobuf.StringValue"
+#define MAX_MATCH_DEPTH 16
+
+typedef Xds__Type__Matcher__V3__Matcher PbMatcher;
+typedef Xds__Type__Matcher__V3__Matcher__OnMatch PbOnMatch;
+
+enum node_input { IN_DST_IP, IN_DST_PORT, IN_APP_PROTO, IN_TRANSPORT };
+
+struct on_match {
+        struct wp_match_node *node;   /* nested matcher, or */
+        const struct wp_chain *chain; /* an action naming a chain */
+};
+
+struct ip_range {
+        int family;
+        uint8_t addr[16];
+        unsigned plen;
+        bool exclusive;
+        struct on_match om;
+};
+
+struct key_entry {
+        char *key;
+        struct on_match om;
+};
+
+struct wp_match_node {
+        enum node_input input;
+        struct ip_range *ranges; /* IN_DST_IP: sorted by prefix length, longest first */
+        size_t nranges;
+        struct key_entry *keys; /* exact map */
+        size_t nkeys;
+        bool prefix; /* prefix_match_map rather than exact */
+        bool has_no_match;
+        struct on_match no_match;
+};
+
+struct build {
+        struct xds_resources *res;
+        struct wp_snapshot *s;
+        char *err;
+};
+
+static int fail(struct build *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int fail(struct build *b, const char *fmt, ...)
+{
+        va_list ap;
+        char buf[512];
+
+        if (b->err)
+                return -EINVAL;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        b->err = wp_strdup(buf);
+        return -EINVAL;
+}
+
+static uint32_t duration_ms(const Google__Protobuf__Duration *d, uint32_t dflt)
+{
+        int64_t ms;
+
+        if (!d)
+                return dflt;
+        ms = d->seconds * 1000 + d->nanos / 1000000;
+        if (ms <= 0)
+                return dflt;
+        return ms > UINT32_MAX ? UINT32_MAX : (uint32_t)ms;
+}
+
+/* ---- clusters ---- */
+
+static const char *struct_string(const Google__Protobuf__Struct *st, const char *key)
+{
+        if (!st)
+                return NULL;
+        for (size_t i = 0; i < st->n_fields; i++) {
+                const Google__Protobuf__Struct__FieldsEntry *e = st->fields[i];
+
+                if (e->key && !strcmp(e->key, key) && e->value &&
+                    e->value->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE)
+                        return e->value->string_value;
+        }
+        return NULL;
+}
+
+static const Google__Protobuf__Struct *filter_metadata(const Envoy__Config__Core__V3__Metadata *m,
+                                                       const char *ns)
+{
+        if (!m)
+                return NULL;
+        for (size_t i = 0; i < m->n_filter_metadata; i++)
+                if (m->filter_metadata[i]->key && !strcmp(m->filter_metadata[i]->key, ns))
+                        return m->filter_metadata[i]->value;
+        return NULL;
+}
+
+static int set_ip_port(struct wp_endpoint *ep, const char *ip, uint32_t port)
+{
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ep->addr;
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ep->addr;
+
+        if (port == 0 || port > 65535)
+                return -EINVAL;
+        memset(&ep->addr, 0, sizeof(ep->addr));
+        if (inet_pton(AF_INET, ip, &sin->sin_addr) == 1) {
+                sin->sin_family = AF_INET;
+                sin->sin_port = htons((uint16_t)port);
+                ep->addrlen = sizeof(*sin);
+        } else if (inet_pton(AF_INET6, ip, &sin6->sin6_addr) == 1) {
+                sin6->sin6_family = AF_INET6;
+                sin6->sin6_port = htons((uint16_t)port);
+                ep->addrlen = sizeof(*sin6);
+        } else {
+                return -EINVAL;
+        }
+        if (hbone_target_format((struct sockaddr *)&ep->addr, ep->authority,
+                                sizeof(ep->authority)) < 0)
+                return -EINVAL;
+        return 0;
+}
+
+/* 1 = endpoint filled, 0 = passthrough (connect_originate without a target), 2 = an internal
+ * listener other than connect_originate, < 0 error */
+static int compile_endpoint(struct build *b, const char *cname, size_t li, size_t ei,
+                            const Envoy__Config__Endpoint__V3__LbEndpoint *lbe,
+                            struct wp_endpoint *ep)
+{
+        const Envoy__Config__Endpoint__V3__Endpoint *e;
+        const Envoy__Config__Core__V3__Address *a;
+
+        if (lbe->host_identifier_case != ENVOY__CONFIG__ENDPOINT__V3__LB_ENDPOINT__HOST_IDENTIFIER_ENDPOINT ||
+            !lbe->endpoint || !lbe->endpoint->address)
+                return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address: missing",
+                            cname, li, ei);
+        e = lbe->endpoint;
+        a = e->address;
+        switch (a->address_case) {
+        case ENVOY__CONFIG__CORE__V3__ADDRESS__ADDRESS_SOCKET_ADDRESS: {
+                const Envoy__Config__Core__V3__SocketAddress *sa = a->socket_address;
+
+                if (sa->port_specifier_case != ENVOY__CONFIG__CORE__V3__SOCKET_ADDRESS__PORT_SPECIFIER_PORT_VALUE ||
+                    set_ip_port(ep, sa->address, sa->port_value) < 0)
+                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address.socket_address: "
+                                    "'%s' port %u is not an IP address and port",
+                                    cname, li, ei, sa->address, sa->port_value);
+                ep->hbone = false;
+                return 1;
+        }
+        case ENVOY__CONFIG__CORE__V3__ADDRESS__ADDRESS_ENVOY_INTERNAL_ADDRESS: {
+                const Envoy__Config__Core__V3__EnvoyInternalAddress *ia = a->envoy_internal_address;
+                const char *target;
+                struct hbone_target t;
+
+                if (ia->address_name_specifier_case !=
+                    ENVOY__CONFIG__CORE__V3__ENVOY_INTERNAL_ADDRESS__ADDRESS_NAME_SPECIFIER_SERVER_LISTENER_NAME)
+                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address.envoy_internal_address: "
+                                    "server_listener_name missing", cname, li, ei);
+                if (strcmp(ia->server_listener_name, "connect_originate") != 0)
+                        return 2; /* e.g. main_internal: plumbing of Envoy's own listeners */
+                target = struct_string(filter_metadata(lbe->metadata,
+                                                       "envoy.filters.listener.original_dst"),
+                                       "local");
+                if (!target && ia->endpoint_id && ia->endpoint_id[0])
+                        target = ia->endpoint_id;
+                if (!target)
+                        return 0;
+                if (hbone_target_parse(target, strlen(target), &t) < 0 || !t.is_ip)
+                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].metadata.filter_metadata"
+                                    "[envoy.filters.listener.original_dst].local: '%s' is not ip:port",
+                                    cname, li, ei, target);
+                memcpy(&ep->addr, &t.addr, t.addrlen);
+                ep->addrlen = t.addrlen;
+                hbone_target_format((struct sockaddr *)&ep->addr, ep->authority,
+                                    sizeof(ep->authority));
+                ep->hbone = true;
+                return 1;
+        }
+        default:
+                return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address: "
+                            "pipe addresses are not supported", cname, li, ei);
+        }
+}
+
+static const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *find_cla(struct build *b,
+                                                                           const char *name)
+{
+        return (const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *)xds_resources_find(
+                b->res, XDS_RES_CLA, name);
+}
+
+/* passthrough clusters (encap) are marked with neps == 0 and this sentinel */
+static char passthrough_mark;
+
+static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cluster *pc,
+                           struct wp_cluster *c, bool *ret_skip)
+{
+        const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *cla = NULL;
+        size_t n = 0, k = 0;
+        bool passthrough = false;
+
+        *ret_skip = false;
+        c->name = wp_strdup(pc->name);
+        if (!c->name)
+                return -ENOMEM;
+        c->connect_timeout_ms = duration_ms(pc->connect_timeout, 10000);
+        if (pc->cluster_discovery_type_case != ENVOY__CONFIG__CLUSTER__V3__CLUSTER__CLUSTER_DISCOVERY_TYPE_TYPE)
+                return fail(b, "Cluster %s: cluster_type: custom cluster types are not supported",
+                            pc->name);
+        switch (pc->type) {
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__DISCOVERY_TYPE__EDS: {
+                const char *svc = pc->eds_cluster_config && pc->eds_cluster_config->service_name &&
+                                                  pc->eds_cluster_config->service_name[0]
+                                          ? pc->eds_cluster_config->service_name
+                                          : pc->name;
+                cla = find_cla(b, svc);
+                break; /* no assignment yet: no endpoints (503 until EDS arrives) */
+        }
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__DISCOVERY_TYPE__STATIC:
+                cla = pc->load_assignment;
+                break;
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__DISCOVERY_TYPE__ORIGINAL_DST:
+                if (!strcmp(pc->name, "connect_originate")) {
+                        if (pc->lb_config_case == ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_CONFIG_ORIGINAL_DST_LB_CONFIG &&
+                            pc->original_dst_lb_config->upstream_port_override) {
+                                uint32_t p = pc->original_dst_lb_config->upstream_port_override->value;
+
+                                if (p == 0 || p > 65535)
+                                        return fail(b, "Cluster connect_originate: original_dst_lb_config.upstream_port_override: %u out of range", p);
+                                b->s->hbone_port = (uint16_t)p;
+                        }
+                        b->s->connect_timeout_ms = c->connect_timeout_ms;
+                }
+                *ret_skip = true; /* not a tcp_proxy target */
+                return 0;
+        default:
+                /* STRICT_DNS / LOGICAL_DNS: DNS resolution comes later; no endpoints for now */
+                *ret_skip = false;
+                return 0;
+        }
+        if (!cla)
+                return 0;
+        for (size_t i = 0; i < cla->n_endpoints; i++)
+                n += cla->endpoints[i]->n_lb_endpoints;
+        if (n > 100000)
+                return fail(b, "ClusterLoadAssignment %s: %zu endpoints exceed the limit of 100000",
+                            pc->name, n);
+        c->eps = n ? wp_calloc(n, sizeof(*c->eps)) : NULL;
+        if (n && !c->eps)
+                return -ENOMEM;
+        for (size_t i = 0; i < cla->n_endpoints; i++) {
+                const Envoy__Config__Endpoint__V3__LocalityLbEndpoints *loc = cla->endpoints[i];
+
+                for (size_t j = 0; j < loc->n_lb_endpoints; j++) {
+                        const Envoy__Config__Endpoint__V3__LbEndpoint *lbe = loc->lb_endpoints[j];
+                        struct wp_endpoint *ep = &c->eps[k];
+                        int r = compile_endpoint(b, pc->name, i, j, lbe, ep);
+
+                        if (r < 0)
+                                return r;
+                        if (r == 2) {
+                                /* a cluster into one of Envoy's internal listeners: internal
+                                 * listeners are function calls here, nothing routes to it */
+                                *ret_skip = true;
+                                return 0;
+                        }
+                        if (r == 0) {
+                                passthrough = true;
+                                continue;
+                        }
+                        ep->priority = loc->priority;
+                        ep->weight = lbe->load_balancing_weight && lbe->load_balancing_weight->value
+                                             ? lbe->load_balancing_weight->value
+                                             : 1;
+                        ep->healthy = lbe->health_status == ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__UNKNOWN ||
+                                      lbe->health_status == ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__HEALTHY;
+                        if (ep->healthy)
+                                c->nhealthy++;
+                        k++;
+                }
+        }
+        c->neps = k;
+        if (passthrough && k == 0) {
+                wp_free(c->eps);
+                c->eps = (struct wp_endpoint *)&passthrough_mark;
+        } else if (passthrough) {
+                return fail(b, "Cluster %s: mixes passthrough and addressed endpoints", pc->name);
+        }
+        return 0;
+}
+
+static struct wp_cluster *find_cluster(struct wp_snapshot *s, const char *name)
+{
+        for (size_t i = 0; i < s->nclusters; i++)
+                if (!strcmp(s->clusters[i].name, name))
+                        return &s->clusters[i];
+        return NULL;
+}
+
+/* ---- filter chains ---- */
+
+static bool is_optional_filter(const char *name)
+{
+        /* filters that do not change what passes: telemetry and filter-state plumbing */
+        static const char *const optional[] = {
+                "istio.stats",           "connect_authority",
+                "envoy.filters.network.set_filter_state", "istio.metadata_exchange",
+                "envoy.filters.network.connection_limit",
+        };
+        for (size_t i = 0; i < sizeof(optional) / sizeof(optional[0]); i++)
+                if (!strcmp(name, optional[i]))
+                        return true;
+        return false;
+}
+
+static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Listener__V3__FilterChain *fc,
+                         struct wp_chain *ch)
+{
+        struct wp_snapshot *s = b->s;
+        bool terminal = false;
+
+        if (!fc->name || !fc->name[0])
+                return fail(b, "Listener main_internal: filter_chains[%zu].name: missing", idx);
+        ch->name = wp_strdup(fc->name);
+        if (!ch->name)
+                return -ENOMEM;
+        ch->kind = WP_CHAIN_TCP;
+        for (size_t i = 0; i < fc->n_filters && !terminal; i++) {
+                const Envoy__Config__Listener__V3__Filter *f = fc->filters[i];
+                const char *name = f->name ? f->name : "";
+
+                if (!strcmp(name, "envoy.filters.network.tcp_proxy")) {
+                        Envoy__Extensions__Filters__Network__TcpProxy__V3__TcpProxy *tp = NULL;
+                        const char *err = NULL;
+                        int r;
+
+                        if (f->config_type_case != ENVOY__CONFIG__LISTENER__V3__FILTER__CONFIG_TYPE_TYPED_CONFIG)
+                                return fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: missing",
+                                            idx, fc->name, i);
+                        r = xds_any_unpack(f->typed_config,
+                                           &envoy__extensions__filters__network__tcp_proxy__v3__tcp_proxy__descriptor,
+                                           (ProtobufCMessage **)&tp, &err);
+                        if (r < 0)
+                                return r == -ENOMEM ? r : fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: %s",
+                                                               idx, fc->name, i, err ? err : "invalid TcpProxy");
+                        if (tp->cluster_specifier_case == ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_CLUSTER) {
+                                ch->clusters = wp_calloc(1, sizeof(*ch->clusters));
+                                if (!ch->clusters) {
+                                        xds_pbjson_message_free(&tp->base);
+                                        return -ENOMEM;
+                                }
+                                ch->nclusters = 1;
+                                ch->clusters[0].cluster = find_cluster(s, tp->cluster);
+                                ch->clusters[0].weight = 1;
+                                if (!ch->clusters[0].cluster)
+                                        r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.cluster: unknown cluster '%s'",
+                                                 idx, fc->name, i, tp->cluster);
+                        } else if (tp->cluster_specifier_case == ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_WEIGHTED_CLUSTERS) {
+                                size_t n = tp->weighted_clusters->n_clusters;
+
+                                ch->clusters = n ? wp_calloc(n, sizeof(*ch->clusters)) : NULL;
+                                if (n && !ch->clusters) {
+                                        xds_pbjson_message_free(&tp->base);
+                                        return -ENOMEM;
+                                }
+                                ch->nclusters = n;
+                                for (size_t j = 0; j < n && r == 0; j++) {
+                                        const char *cn = tp->weighted_clusters->clusters[j]->name;
+
+                                        ch->clusters[j].cluster = find_cluster(s, cn);
+                                        ch->clusters[j].weight = tp->weighted_clusters->clusters[j]->weight;
+                                        ch->total_weight += ch->clusters[j].weight;
+                                        if (!ch->clusters[j].cluster)
+                                                r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.weighted_clusters.clusters[%zu].name: unknown cluster '%s'",
+                                                         idx, fc->name, i, j, cn);
+                                }
+                                if (r == 0 && (n == 0 || ch->total_weight == 0))
+                                        r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.weighted_clusters: no cluster with a weight",
+                                                 idx, fc->name, i);
+                        } else {
+                                r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: tcp_proxy without cluster",
+                                         idx, fc->name, i);
+                        }
+                        xds_pbjson_message_free(&tp->base);
+                        if (r < 0)
+                                return r;
+                        if (ch->kind == WP_CHAIN_TCP && ch->nclusters == 1 &&
+                            ch->clusters[0].cluster->eps == (struct wp_endpoint *)&passthrough_mark)
+                                ch->kind = WP_CHAIN_PASSTHROUGH;
+                        terminal = true;
+                } else if (is_optional_filter(name)) {
+                        continue;
+                } else {
+                        /* http_connection_manager, rbac, ...: not implemented yet */
+                        if (ch->kind != WP_CHAIN_UNSUPPORTED) {
+                                ch->kind = WP_CHAIN_UNSUPPORTED;
+                                ch->unsupported = wp_strdup(name[0] ? name : "(unnamed filter)");
+                                if (!ch->unsupported)
+                                        return -ENOMEM;
+                        }
+                        if (!strcmp(name, "envoy.filters.network.http_connection_manager"))
+                                terminal = true;
+                }
+        }
+        if (!terminal)
+                return fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters: no terminal filter (tcp_proxy or http_connection_manager)",
+                            idx, fc->name);
+        if (ch->kind == WP_CHAIN_UNSUPPORTED) {
+                /* keep no cluster references: nothing will be routed */
+                wp_free(ch->clusters);
+                ch->clusters = NULL;
+                ch->nclusters = 0;
+        }
+        return 0;
+}
+
+static const struct wp_chain *find_chain(struct wp_snapshot *s, const char *name)
+{
+        for (size_t i = 0; i < s->nchains; i++)
+                if (!strcmp(s->chains[i].name, name))
+                        return &s->chains[i];
+        return NULL;
+}
+
+/* ---- matcher ---- */
+
+static int compile_matcher(struct build *b, const PbMatcher *m, const char *path, unsigned depth,
+                           struct wp_match_node **ret);
+static void free_node(struct wp_match_node *n);
+
+static int compile_on_match(struct build *b, const PbOnMatch *om, const char *path,
+                            unsigned depth, struct on_match *ret)
+{
+        char sub[512];
+
+        if (!om)
+                return fail(b, "Listener main_internal: %s: missing on_match", path);
+        if (om->on_match_case == XDS__TYPE__MATCHER__V3__MATCHER__ON_MATCH__ON_MATCH_MATCHER) {
+                snprintf(sub, sizeof(sub), "%s.matcher", path);
+                return compile_matcher(b, om->matcher, sub, depth + 1, &ret->node);
+        }
+        if (om->on_match_case == XDS__TYPE__MATCHER__V3__MATCHER__ON_MATCH__ON_MATCH_ACTION) {
+                const Xds__Core__V3__TypedExtensionConfig *a = om->action;
+                Google__Protobuf__StringValue *sv = NULL;
+                const char *err = NULL;
+                int r;
+
+                if (!a->typed_config || strcmp(a->typed_config->type_url, STRING_VALUE) != 0)
+                        return fail(b, "Listener main_internal: %s.action.typed_config: expected %s naming a filter chain",
+                                    path, STRING_VALUE);
+                r = xds_any_unpack(a->typed_config, &google__protobuf__string_value__descriptor,
+                                   (ProtobufCMessage **)&sv, &err);
+                if (r < 0)
+                        return r == -ENOMEM ? r : fail(b, "Listener main_internal: %s.action.typed_config: %s", path, err);
+                ret->chain = find_chain(b->s, sv->value);
+                if (!ret->chain)
+                        r = fail(b, "Listener main_internal: %s.action: unknown filter chain '%s'",
+                                 path, sv->value);
+                xds_pbjson_message_free(&sv->base);
+                return r;
+        }
+        return fail(b, "Listener main_internal: %s: neither matcher nor action", path);
+}
+
+static int parse_cidr(const char *prefix, uint32_t plen, struct ip_range *r)
+{
+        if (inet_pton(AF_INET, prefix, r->addr) == 1) {
+                r->family = AF_INET;
+                if (plen > 32)
+                        return -EINVAL;
+        } else if (inet_pton(AF_INET6, prefix, r->addr) == 1) {
+                r->family = AF_INET6;
+                if (plen > 128)
+                        return -EINVAL;
+        } else {
+                return -EINVAL;
+        }
+        r->plen = plen;
+        return 0;
+}
+
+static int cmp_range(const void *a, const void *b)
+{
+        const struct ip_range *x = a, *y = b;
+
+        return (int)y->plen - (int)x->plen;
+}
+
+static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensionConfig *cm,
+                              const char *path, unsigned depth, struct wp_match_node *n)
+{
+        Xds__Type__Matcher__V3__IPMatcher *ipm = NULL;
+        const char *err = NULL;
+        size_t total = 0, k = 0;
+        int r;
+
+        if (!cm || !cm->typed_config || strcmp(cm->typed_config->type_url, IP_MATCHER) != 0)
+                return fail(b, "Listener main_internal: %s.custom_match: only %s is supported for destination IPs",
+                            path, IP_MATCHER);
+        r = xds_any_unpack(cm->typed_config, &xds__type__matcher__v3__ipmatcher__descriptor,
+                           (ProtobufCMessage **)&ipm, &err);
+        if (r < 0)
+                return r == -ENOMEM ? r : fail(b, "Listener main_internal: %s.custom_match: %s", path, err);
+        for (size_t i = 0; i < ipm->n_range_matchers; i++)
+                total += ipm->range_matchers[i]->n_ranges;
+        n->ranges = total ? wp_calloc(total, sizeof(*n->ranges)) : NULL;
+        if (total && !n->ranges) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (size_t i = 0; i < ipm->n_range_matchers && r == 0; i++) {
+                const Xds__Type__Matcher__V3__IPMatcher__IPRangeMatcher *rm = ipm->range_matchers[i];
+                struct on_match om = {0};
+                char sub[512];
+
+                bool stored = false;
+
+                snprintf(sub, sizeof(sub), "%s.custom_match.range_matchers[%zu].on_match", path, i);
+                r = compile_on_match(b, rm->on_match, sub, depth, &om);
+                for (size_t j = 0; j < rm->n_ranges && r == 0; j++) {
+                        const Xds__Core__V3__CidrRange *cr = rm->ranges[j];
+                        uint32_t plen = cr->prefix_len ? cr->prefix_len->value : 0;
+
+                        if (parse_cidr(cr->address_prefix, plen, &n->ranges[k]) < 0) {
+                                r = fail(b, "Listener main_internal: %s.custom_match.range_matchers[%zu].ranges[%zu]: invalid CIDR %s/%u",
+                                         path, i, j, cr->address_prefix, plen);
+                                break;
+                        }
+                        n->ranges[k].exclusive = rm->exclusive;
+                        n->ranges[k].om = om;
+                        stored = true;
+                        k++;
+                }
+                if (!stored)
+                        free_node(om.node);
+        }
+        n->nranges = k;
+        qsort(n->ranges, n->nranges, sizeof(*n->ranges), cmp_range);
+out:
+        xds_pbjson_message_free(&ipm->base);
+        return r;
+}
+
+static int compile_matcher(struct build *b, const PbMatcher *m, const char *path, unsigned depth,
+                           struct wp_match_node **ret)
+{
+        const Xds__Type__Matcher__V3__Matcher__MatcherTree *t;
+        struct wp_match_node *n;
+        const char *url;
+        char sub[512];
+        int r = 0;
+
+        if (depth > MAX_MATCH_DEPTH)
+                return fail(b, "Listener main_internal: %s: matcher nesting deeper than %d", path,
+                            MAX_MATCH_DEPTH);
+        if (m->matcher_type_case != XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TYPE_MATCHER_TREE)
+                return fail(b, "Listener main_internal: %s: only matcher_tree is supported", path);
+        t = m->matcher_tree;
+        n = wp_calloc(1, sizeof(*n));
+        if (!n)
+                return -ENOMEM;
+        *ret = n; /* owned by the snapshot from here (freed on error too) */
+        url = t->input && t->input->typed_config ? t->input->typed_config->type_url : "";
+        if (!strcmp(url, INPUT_DST_IP))
+                n->input = IN_DST_IP;
+        else if (!strcmp(url, INPUT_DST_PORT))
+                n->input = IN_DST_PORT;
+        else if (!strcmp(url, INPUT_APP_PROTO))
+                n->input = IN_APP_PROTO;
+        else if (!strcmp(url, INPUT_TRANSPORT))
+                n->input = IN_TRANSPORT;
+        else
+                return fail(b, "Listener main_internal: %s.matcher_tree.input: unsupported input '%s'",
+                            path, url);
+        snprintf(sub, sizeof(sub), "%s.matcher_tree", path);
+        if (n->input == IN_DST_IP) {
+                if (t->tree_type_case != XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_CUSTOM_MATCH)
+                        return fail(b, "Listener main_internal: %s: destination IP needs custom_match IPMatcher", sub);
+                r = compile_ip_matcher(b, t->custom_match, sub, depth, n);
+        } else if (t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP ||
+                   t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP) {
+                const Xds__Type__Matcher__V3__Matcher__MatcherTree__MatchMap *mm =
+                        t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP
+                                ? t->exact_match_map
+                                : t->prefix_match_map;
+
+                n->prefix = t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP;
+                n->keys = mm->n_map ? wp_calloc(mm->n_map, sizeof(*n->keys)) : NULL;
+                if (mm->n_map && !n->keys)
+                        return -ENOMEM;
+                for (size_t i = 0; i < mm->n_map && r == 0; i++) {
+                        char sub2[640];
+
+                        n->keys[i].key = wp_strdup(mm->map[i]->key);
+                        n->nkeys = i + 1;
+                        if (!n->keys[i].key)
+                                return -ENOMEM;
+                        snprintf(sub2, sizeof(sub2), "%s.map[%s]", sub, mm->map[i]->key);
+                        r = compile_on_match(b, mm->map[i]->value, sub2, depth, &n->keys[i].om);
+                }
+        } else {
+                return fail(b, "Listener main_internal: %s: unsupported tree type", sub);
+        }
+        if (r == 0 && m->on_no_match) {
+                n->has_no_match = true;
+                snprintf(sub, sizeof(sub), "%s.on_no_match", path);
+                r = compile_on_match(b, m->on_no_match, sub, depth, &n->no_match);
+        }
+        return r;
+}
+
+static void free_node(struct wp_match_node *n);
+
+static void free_om(struct on_match *om, struct wp_match_node **seen, size_t *nseen)
+{
+        (void)seen;
+        (void)nseen;
+        free_node(om->node);
+        om->node = NULL;
+}
+
+static void free_node(struct wp_match_node *n)
+{
+        if (!n)
+                return;
+        /* ranges of one range_matcher share an on_match: free each nested node once */
+        for (size_t i = 0; i < n->nranges; i++) {
+                struct wp_match_node *child = n->ranges[i].om.node;
+
+                if (!child)
+                        continue;
+                for (size_t j = i; j < n->nranges; j++)
+                        if (n->ranges[j].om.node == child)
+                                n->ranges[j].om.node = NULL;
+                free_node(child);
+        }
+        for (size_t i = 0; i < n->nkeys; i++) {
+                free_om(&n->keys[i].om, NULL, NULL);
+                wp_free(n->keys[i].key);
+        }
+        free_om(&n->no_match, NULL, NULL);
+        wp_free(n->ranges);
+        wp_free(n->keys);
+        wp_free(n);
+}
+
+/* ---- lookup ---- */
+
+struct match_ctx {
+        int family;
+        const uint8_t *ip;
+        char port[8];
+};
+
+static const struct wp_chain *eval_node(const struct wp_match_node *n, const struct match_ctx *c);
+
+static const struct wp_chain *eval_om(const struct on_match *om, const struct match_ctx *c)
+{
+        return om->chain ? om->chain : om->node ? eval_node(om->node, c) : NULL;
+}
+
+static bool prefix_eq(const uint8_t *a, const uint8_t *b, unsigned plen)
+{
+        unsigned full = plen / 8, rem = plen % 8;
+
+        if (memcmp(a, b, full) != 0)
+                return false;
+        if (rem) {
+                uint8_t mask = (uint8_t)(0xff << (8 - rem));
+
+                return (a[full] & mask) == (b[full] & mask);
+        }
+        return true;
+}
+
+static const struct wp_chain *eval_node(const struct wp_match_node *n, const struct match_ctx *c)
+{
+        const struct wp_chain *ch;
+
+        switch (n->input) {
+        case IN_DST_IP:
+                for (size_t i = 0; i < n->nranges; i++) {
+                        const struct ip_range *r = &n->ranges[i];
+
+                        if (r->family != c->family || !prefix_eq(r->addr, c->ip, r->plen))
+                                continue;
+                        ch = eval_om(&r->om, c);
+                        if (ch || r->exclusive)
+                                return ch ? ch : (n->has_no_match ? eval_om(&n->no_match, c) : NULL);
+                }
+                break;
+        case IN_DST_PORT:
+        case IN_APP_PROTO:
+        case IN_TRANSPORT: {
+                /* at L4 there is no detected application protocol; raw TCP is "raw_buffer" */
+                const char *v = n->input == IN_DST_PORT ? c->port
+                                : n->input == IN_TRANSPORT ? "raw_buffer"
+                                                           : "";
+
+                for (size_t i = 0; i < n->nkeys; i++) {
+                        bool hit = n->prefix ? !strncmp(v, n->keys[i].key, strlen(n->keys[i].key))
+                                             : !strcmp(v, n->keys[i].key);
+
+                        if (hit && (ch = eval_om(&n->keys[i].om, c)))
+                                return ch;
+                }
+                break;
+        }
+        }
+        return n->has_no_match ? eval_om(&n->no_match, c) : NULL;
+}
+
+const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr)
+{
+        struct match_ctx c;
+        unsigned port;
+
+        if (!s || !s->matcher)
+                return NULL;
+        if (addr->sa_family == AF_INET) {
+                const struct sockaddr_in *sin = (const struct sockaddr_in *)addr;
+
+                c.family = AF_INET;
+                c.ip = (const uint8_t *)&sin->sin_addr;
+                port = ntohs(sin->sin_port);
+        } else if (addr->sa_family == AF_INET6) {
+                const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)addr;
+
+                c.family = AF_INET6;
+                c.ip = (const uint8_t *)&sin6->sin6_addr;
+                port = ntohs(sin6->sin6_port);
+        } else {
+                return NULL;
+        }
+        snprintf(c.port, sizeof(c.port), "%u", port);
+        return eval_node(s->matcher, &c);
+}
+
+const struct wp_endpoint *wp_chain_pick(const struct wp_chain *ch, uint64_t rnd)
+{
+        struct wp_cluster *c;
+        uint64_t start;
+
+        if (!ch->nclusters)
+                return NULL;
+        if (ch->nclusters == 1) {
+                c = ch->clusters[0].cluster;
+        } else {
+                uint64_t x = rnd % ch->total_weight;
+                size_t i = 0;
+
+                while (x >= ch->clusters[i].weight) {
+                        x -= ch->clusters[i].weight;
+                        i++;
+                }
+                c = ch->clusters[i].cluster;
+        }
+        if (!c->nhealthy || c->eps == (struct wp_endpoint *)&passthrough_mark)
+                return NULL;
+        /* round robin over healthy endpoints of the best (lowest) priority */
+        uint32_t best = UINT32_MAX;
+
+        for (size_t i = 0; i < c->neps; i++)
+                if (c->eps[i].healthy && c->eps[i].priority < best)
+                        best = c->eps[i].priority;
+        start = atomic_fetch_add_explicit(&c->rr, 1, memory_order_relaxed);
+        for (size_t i = 0; i < c->neps; i++) {
+                const struct wp_endpoint *ep = &c->eps[(start + i) % c->neps];
+
+                if (ep->healthy && ep->priority == best)
+                        return ep;
+        }
+        return NULL;
+}
+
+/* ---- build / free ---- */
+
+static void snapshot_free(struct wp_snapshot *s)
+{
+        for (size_t i = 0; i < s->nchains; i++) {
+                wp_free(s->chains[i].name);
+                wp_free(s->chains[i].clusters);
+                wp_free(s->chains[i].unsupported);
+        }
+        wp_free(s->chains);
+        for (size_t i = 0; i < s->nclusters; i++) {
+                wp_free(s->clusters[i].name);
+                if (s->clusters[i].eps != (struct wp_endpoint *)&passthrough_mark)
+                        wp_free(s->clusters[i].eps);
+        }
+        wp_free(s->clusters);
+        free_node(s->matcher);
+        xds_resources_free(s->res);
+        wp_free(s);
+}
+
+int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char **reterr_desc)
+{
+        struct build b = {.res = res};
+        const Envoy__Config__Listener__V3__Listener *mi = NULL;
+        struct wp_snapshot *s;
+        static _Atomic uint64_t versions;
+        size_t k = 0;
+        int r = 0;
+
+        s = wp_calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        b.s = s;
+        atomic_init(&s->refs, 1);
+        s->version = atomic_fetch_add(&versions, 1) + 1;
+        s->hbone_port = 15008;
+        s->connect_timeout_ms = 10000;
+
+        /* clusters */
+        s->clusters = res->clusters.n ? wp_calloc(res->clusters.n, sizeof(*s->clusters)) : NULL;
+        if (res->clusters.n && !s->clusters) {
+                r = -ENOMEM;
+                goto err;
+        }
+        for (size_t i = 0; i < res->clusters.n; i++) {
+                bool skip;
+
+                r = compile_cluster(&b, (const Envoy__Config__Cluster__V3__Cluster *)res->clusters.items[i].msg,
+                                    &s->clusters[k], &skip);
+                s->nclusters = k + 1;
+                if (r < 0)
+                        goto err;
+                if (skip) {
+                        wp_free(s->clusters[k].name);
+                        wp_free(s->clusters[k].eps);
+                        memset(&s->clusters[k], 0, sizeof(s->clusters[k]));
+                        s->nclusters = k;
+                } else {
+                        k++;
+                }
+        }
+        s->nclusters = k;
+
+        /* main_internal */
+        mi = (const Envoy__Config__Listener__V3__Listener *)xds_resources_find(res, XDS_RES_LISTENER,
+                                                                               "main_internal");
+        if (!mi) {
+                r = fail(&b, "Listener main_internal: missing (the waypoint's dispatch listener)");
+                goto err;
+        }
+        s->chains = mi->n_filter_chains ? wp_calloc(mi->n_filter_chains, sizeof(*s->chains)) : NULL;
+        if (mi->n_filter_chains && !s->chains) {
+                r = -ENOMEM;
+                goto err;
+        }
+        for (size_t i = 0; i < mi->n_filter_chains; i++) {
+                s->nchains = i + 1;
+                r = compile_chain(&b, i, mi->filter_chains[i], &s->chains[i]);
+                if (r < 0)
+                        goto err;
+                for (size_t j = 0; j < i; j++)
+                        if (!strcmp(s->chains[j].name, s->chains[i].name)) {
+                                r = fail(&b, "Listener main_internal: filter_chains[%zu].name: duplicate '%s'",
+                                         i, s->chains[i].name);
+                                goto err;
+                        }
+        }
+        if (!mi->filter_chain_matcher) {
+                r = fail(&b, "Listener main_internal: filter_chain_matcher: missing");
+                goto err;
+        }
+        r = compile_matcher(&b, mi->filter_chain_matcher, "filter_chain_matcher", 0, &s->matcher);
+        if (r < 0)
+                goto err;
+        s->res = res;
+        *ret = s;
+        return 0;
+
+err:
+        if (r == -ENOMEM && !b.err)
+                b.err = wp_strdup("out of memory");
+        s->res = NULL; /* on failure the caller keeps res */
+        snapshot_free(s);
+        if (reterr_desc)
+                *reterr_desc = b.err;
+        else
+                wp_free(b.err);
+        return r < 0 ? r : -EINVAL;
+}
+
+struct wp_snapshot *wp_snapshot_ref(struct wp_snapshot *s)
+{
+        if (s)
+                atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+        return s;
+}
+
+struct wp_snapshot *wp_snapshot_unref(struct wp_snapshot *s)
+{
+        if (s && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+                snapshot_free(s);
+        return NULL;
+}

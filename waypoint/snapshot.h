@@ -1,0 +1,91 @@
+/*
+ * The runtime snapshot: an immutable, reference-counted view of the config, compiled from
+ * istiod's xDS resources (Listener main_internal's filter_chain_matcher, its filter chains,
+ * Clusters and ClusterLoadAssignments). Built whole or not at all, off the data path; workers
+ * hold a reference per connection/tunnel so an update never disturbs traffic in flight.
+ *
+ * Dispatch follows main_internal's xds.type.matcher.v3.Matcher: destination IP (IPMatcher
+ * ranges, longest prefix wins) then destination port (exact map), down to an action that names
+ * a filter chain. The tunnel's :authority is the destination (what Envoy's connect_authority
+ * filter puts into original_dst.local_ip).
+ */
+#ifndef WP_SNAPSHOT_H
+#define WP_SNAPSHOT_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+struct xds_resources;
+
+#define WP_AUTHORITY_MAX 64
+
+struct wp_endpoint {
+        struct sockaddr_storage addr; /* HBONE: pod IP:target port; plain: ip:port */
+        socklen_t addrlen;
+        char authority[WP_AUTHORITY_MAX]; /* "ip:port" / "[v6]:port" of addr */
+        bool hbone;                       /* reach through the pod's ztunnel (IP:15008) */
+        bool healthy;
+        uint32_t weight;
+        uint32_t priority;
+};
+
+struct wp_cluster {
+        char *name;
+        struct wp_endpoint *eps;
+        size_t neps;
+        size_t nhealthy;
+        uint32_t connect_timeout_ms;
+        _Atomic uint64_t rr; /* round-robin cursor, shared by workers (relaxed) */
+};
+
+enum wp_chain_kind {
+        WP_CHAIN_TCP,        /* tcp_proxy to a cluster */
+        WP_CHAIN_PASSTHROUGH, /* tcp_proxy to `encap`: HBONE to the original destination */
+        WP_CHAIN_UNSUPPORTED, /* a filter we do not implement yet: tunnels are refused */
+};
+
+struct wp_weighted_cluster {
+        struct wp_cluster *cluster;
+        uint32_t weight;
+};
+
+struct wp_chain {
+        char *name;
+        enum wp_chain_kind kind;
+        struct wp_weighted_cluster *clusters; /* tcp_proxy cluster or weighted_clusters */
+        size_t nclusters;
+        uint32_t total_weight;
+        char *unsupported; /* WP_CHAIN_UNSUPPORTED: what is missing (e.g. the filter name) */
+};
+
+struct wp_match_node; /* compiled matcher tree (snapshot.c) */
+
+struct wp_snapshot {
+        _Atomic unsigned refs;
+        uint64_t version;
+        struct wp_chain *chains;
+        size_t nchains;
+        struct wp_cluster *clusters;
+        size_t nclusters;
+        struct wp_match_node *matcher;
+        uint16_t hbone_port;         /* connect_originate upstream_port_override (15008) */
+        uint32_t connect_timeout_ms; /* connect_originate connect_timeout */
+        struct xds_resources *res;   /* the resources it was built from (config_dump) */
+};
+
+/* Compiles resources into a snapshot; takes ownership of res on success. On failure returns
+ * -EINVAL (or -ENOMEM) and *reterr_desc names the resource and field (heap string, caller frees
+ * with wp_free). */
+int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char **reterr_desc);
+struct wp_snapshot *wp_snapshot_ref(struct wp_snapshot *s);
+struct wp_snapshot *wp_snapshot_unref(struct wp_snapshot *s); /* NULL-safe, returns NULL */
+
+/* The chain serving destination addr (AF_INET/AF_INET6 with port), or NULL: not served. */
+const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr);
+/* Picks a cluster of a chain by weight (rnd: a random number) then a healthy endpoint by round
+ * robin. NULL when no healthy endpoint. */
+const struct wp_endpoint *wp_chain_pick(const struct wp_chain *c, uint64_t rnd);
+
+#endif

@@ -1,0 +1,829 @@
+/*
+ * A worker: one thread, one loop, one SO_REUSEPORT HBONE listener. Downstream HBONE connections
+ * and their tunnels live and die here; upstream HBONE connections are pooled per worker by
+ * destination (pod IP:15008).
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "hbone/conn.h"
+#include "hbone/relay.h"
+#include "waypoint/base/alloc.h"
+#include "waypoint/base/log.h"
+#include "waypoint/base/time.h"
+#include "waypoint/base/util.h"
+#include "waypoint/daemon.h"
+#include "waypoint/snapshot.h"
+
+#define POOL_BUCKETS 1024
+
+const char *const wp_counter_names[_WP_COUNTER_MAX] = {
+        [WP_C_DOWNSTREAM_CX_TOTAL] = "downstream_cx_total",
+        [WP_C_DOWNSTREAM_CX_ACTIVE] = "downstream_cx_active",
+        [WP_C_DOWNSTREAM_CX_TLS_FAIL] = "downstream_cx_handshake_failed",
+        [WP_C_TUNNELS_TOTAL] = "tunnels_total",
+        [WP_C_TUNNELS_ACTIVE] = "tunnels_active",
+        [WP_C_TUNNELS_ESTABLISHED] = "tunnels_established",
+        [WP_C_TUNNEL_NOT_SERVED] = "tunnels_target_not_served",
+        [WP_C_TUNNEL_NO_ENDPOINT] = "tunnels_no_healthy_endpoint",
+        [WP_C_TUNNEL_UNSUPPORTED] = "tunnels_unsupported_chain",
+        [WP_C_TUNNEL_UPSTREAM_FAIL] = "tunnels_upstream_failed",
+        [WP_C_BYTES_UP] = "tunnel_bytes_sent_upstream",
+        [WP_C_BYTES_DOWN] = "tunnel_bytes_sent_downstream",
+        [WP_C_UPSTREAM_CX_TOTAL] = "upstream_cx_total",
+        [WP_C_UPSTREAM_CX_ACTIVE] = "upstream_cx_active",
+        [WP_C_UPSTREAM_CX_FAIL] = "upstream_cx_connect_failed",
+};
+
+struct list {
+        struct list *prev, *next;
+};
+
+static void list_init(struct list *l)
+{
+        l->prev = l->next = l;
+}
+static bool list_empty(const struct list *l)
+{
+        return l->next == l;
+}
+static void list_add_tail(struct list *head, struct list *n)
+{
+        n->prev = head->prev;
+        n->next = head;
+        head->prev->next = n;
+        head->prev = n;
+}
+static void list_del(struct list *n)
+{
+        n->prev->next = n->next;
+        n->next->prev = n->prev;
+        list_init(n);
+}
+
+struct pool_key {
+        struct sockaddr_storage addr;
+        socklen_t len;
+};
+
+/* One pooled upstream HBONE connection. */
+struct pool_conn {
+        struct wp_worker *w;
+        struct hbone_conn *conn;
+        struct pool_key key;
+        unsigned bucket;
+        struct list link;    /* in the bucket while usable */
+        struct list waiting; /* tunnels waiting for this connection to establish */
+        struct list all;     /* worker's list of every upstream connection */
+        struct wp_timer idle;
+        bool usable; /* in the bucket */
+        bool established;
+        unsigned tunnels; /* tunnels using it (opened or waiting) */
+};
+
+struct downstream {
+        struct wp_worker *w;
+        struct hbone_conn *conn;
+        struct list link;
+        uint64_t id;
+};
+
+struct tunnel {
+        struct wp_worker *w;
+        struct hbone_relay *relay;
+        struct wp_snapshot *snap;
+        const struct wp_endpoint *ep;
+        struct wp_endpoint own_ep; /* passthrough: the original destination */
+        struct pool_conn *pc;
+        struct list wait_link; /* in pc->waiting */
+        uint64_t id;
+        uint64_t start_ns;
+        char authority[WP_AUTHORITY_MAX];
+        char peer[256];
+        char chain[160];
+};
+
+struct wp_worker {
+        struct wp_runtime *rt;
+        unsigned idx;
+        pthread_t thread;
+        struct wp_loop *loop;
+        int listen_fd;
+        struct wp_op accept_op;
+        struct wp_snapshot *snap;
+        uint64_t snap_version;
+        struct wp_tls_ctx *server_tls, *client_tls;
+        bool draining;
+        bool stop;
+        uint64_t drain_deadline;
+        struct list downstreams;
+        struct list upstreams;
+        struct list buckets[POOL_BUCKETS];
+        uint64_t next_id;
+        uint64_t rnd;
+        _Atomic uint64_t counters[_WP_COUNTER_MAX];
+        struct wp_timer drain_timer;
+};
+
+static void cnt_add(struct wp_worker *w, enum wp_counter c, int64_t d)
+{
+        uint64_t v = atomic_load_explicit(&w->counters[c], memory_order_relaxed);
+
+        atomic_store_explicit(&w->counters[c], v + (uint64_t)d, memory_order_relaxed);
+}
+
+uint64_t wp_worker_counter(const struct wp_worker *w, enum wp_counter c)
+{
+        return atomic_load_explicit(&((struct wp_worker *)w)->counters[c], memory_order_relaxed);
+}
+
+static uint64_t rnd_next(struct wp_worker *w)
+{
+        /* xorshift64*: load balancing only, not security */
+        w->rnd ^= w->rnd >> 12;
+        w->rnd ^= w->rnd << 25;
+        w->rnd ^= w->rnd >> 27;
+        return w->rnd * 0x2545F4914F6CDD1DULL;
+}
+
+/* ---- tunnels ---- */
+
+static const struct hbone_relay_ops relay_ops;
+
+static void tunnel_free(struct tunnel *t)
+{
+        struct wp_worker *w = t->w;
+
+        if (t->pc) {
+                struct pool_conn *pc = t->pc;
+
+                if (!list_empty(&t->wait_link))
+                        list_del(&t->wait_link);
+                t->pc = NULL;
+                if (--pc->tunnels == 0) {
+                        if (!pc->conn)
+                                wp_free(pc); /* its connection closed earlier */
+                        else if (pc->established && !w->draining)
+                                wp_timer_arm(w->loop, &pc->idle,
+                                             wp_now_ns() +
+                                                     w->rt->opts.pool_idle_ms * WP_NSEC_PER_MSEC);
+                }
+        }
+        t->relay = hbone_relay_free(t->relay);
+        t->snap = wp_snapshot_unref(t->snap);
+        cnt_add(w, WP_C_TUNNELS_ACTIVE, -1);
+        wp_free(t);
+}
+
+static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, unsigned status,
+                            void *user)
+{
+        struct tunnel *t = user;
+
+        if (res == HBONE_RELAY_OK) {
+                cnt_add(t->w, WP_C_TUNNELS_ESTABLISHED, 1);
+                wp_debug("tunnel", "[T%lu] %s -> %s via %s: established (%s)", t->id, t->peer,
+                         t->authority, t->ep ? t->ep->authority : "?", t->chain);
+                return;
+        }
+        if (res == HBONE_RELAY_DOWNSTREAM_GONE)
+                return;
+        cnt_add(t->w, WP_C_TUNNEL_UPSTREAM_FAIL, 1);
+        wp_info("tunnel", "[T%lu] %s -> %s via %s: upstream failed (result %d, status %u)", t->id,
+                t->peer, t->authority, t->ep ? t->ep->authority : "?", (int)res, status);
+}
+
+static void on_relay_done(struct hbone_relay *r, void *user)
+{
+        struct tunnel *t = user;
+
+        cnt_add(t->w, WP_C_BYTES_UP, (int64_t)hbone_relay_bytes_sent_up(r));
+        cnt_add(t->w, WP_C_BYTES_DOWN, (int64_t)hbone_relay_bytes_sent_down(r));
+        wp_debug("tunnel", "[T%lu] %s -> %s closed: %lu bytes up, %lu down, %lu ms", t->id,
+                 t->peer, t->authority, (unsigned long)hbone_relay_bytes_sent_up(r),
+                 (unsigned long)hbone_relay_bytes_sent_down(r),
+                 (unsigned long)((wp_now_ns() - t->start_ns) / WP_NSEC_PER_MSEC));
+        tunnel_free(t);
+}
+
+static const struct hbone_relay_ops relay_ops = {
+        .on_upstream_result = on_relay_result,
+        .on_done = on_relay_done,
+};
+
+/* ---- upstream pool ---- */
+
+static const struct hbone_callbacks upstream_cb;
+static const struct hbone_conn_ops upstream_ops;
+
+static unsigned key_hash(const struct pool_key *k)
+{
+        const uint8_t *p = (const uint8_t *)&k->addr;
+        uint32_t h = 2166136261u;
+
+        for (socklen_t i = 0; i < k->len; i++)
+                h = (h ^ p[i]) * 16777619u;
+        return h % POOL_BUCKETS;
+}
+
+static void make_key(struct pool_key *k, const struct wp_endpoint *ep, uint16_t port)
+{
+        memset(k, 0, sizeof(*k));
+        memcpy(&k->addr, &ep->addr, ep->addrlen);
+        k->len = ep->addrlen;
+        if (k->addr.ss_family == AF_INET)
+                ((struct sockaddr_in *)&k->addr)->sin_port = htons(port);
+        else
+                ((struct sockaddr_in6 *)&k->addr)->sin6_port = htons(port);
+}
+
+static void pool_unlist(struct pool_conn *pc)
+{
+        if (pc->usable) {
+                list_del(&pc->link);
+                pc->usable = false;
+        }
+}
+
+static void tunnel_open_on(struct tunnel *t, struct pool_conn *pc);
+static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_key *k);
+
+/* Puts the tunnel on a connection to its endpoint, opening one if none has room. */
+static void pool_attach(struct wp_worker *w, struct tunnel *t)
+{
+        struct pool_key k;
+        struct list *b, *it;
+        struct pool_conn *pc = NULL;
+
+        make_key(&k, t->ep, t->snap->hbone_port);
+        b = &w->buckets[key_hash(&k)];
+        for (it = b->next; it != b; it = it->next) {
+                struct pool_conn *c = container_of(it, struct pool_conn, link);
+
+                if (c->key.len != k.len || memcmp(&c->key.addr, &k.addr, k.len) != 0)
+                        continue;
+                if (!c->established) {
+                        pc = c; /* join the queue of a connection being set up */
+                        break;
+                }
+                if (hbone_session_streams_available(hbone_conn_session(c->conn)) > 0) {
+                        pc = c;
+                        break;
+                }
+        }
+        if (!pc) {
+                pc = pool_new_conn(w, &k);
+                if (!pc) {
+                        hbone_relay_fail(t->relay, 502, "upstream_refused");
+                        return;
+                }
+        }
+        t->pc = pc;
+        pc->tunnels++;
+        wp_timer_disarm(w->loop, &pc->idle);
+        if (pc->established)
+                tunnel_open_on(t, pc);
+        else
+                list_add_tail(&pc->waiting, &t->wait_link);
+}
+
+static void tunnel_open_on(struct tunnel *t, struct pool_conn *pc)
+{
+        int r = hbone_relay_open_hbone(t->relay, pc->conn, t->ep->authority, NULL, 0);
+
+        if (r == -EAGAIN || r == -ENOTCONN) {
+                /* full or going away: this connection takes no more; try another */
+                pool_unlist(pc);
+                pc->tunnels--;
+                t->pc = NULL;
+                pool_attach(t->w, t);
+                return;
+        }
+        if (r < 0)
+                hbone_relay_fail(t->relay, 502, "upstream_refused");
+}
+
+static void pool_idle_fire(struct wp_timer *tm)
+{
+        struct pool_conn *pc = container_of(tm, struct pool_conn, idle);
+
+        if (pc->tunnels == 0)
+                hbone_conn_drain(pc->conn);
+}
+
+static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_key *k)
+{
+        struct pool_conn *pc = wp_calloc(1, sizeof(*pc));
+        struct hbone_conn_config cfg;
+        const struct wp_options *o = &w->rt->opts;
+        int r;
+
+        if (!pc)
+                return NULL;
+        pc->w = w;
+        pc->key = *k;
+        list_init(&pc->waiting);
+        list_init(&pc->link);
+        pc->idle.on_fire = pool_idle_fire;
+        cfg = (struct hbone_conn_config){
+                .loop = w->loop,
+                .tls_ctx = w->client_tls,
+                .lim = &o->lim,
+                .cb = &upstream_cb,
+                .ops = &upstream_ops,
+                .user = pc,
+                .handshake_timeout_ms = o->handshake_timeout_ms,
+                .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
+                                                            : w->snap->connect_timeout_ms,
+                .id = ++w->next_id,
+        };
+        r = hbone_conn_connect(&cfg, (const struct sockaddr *)&k->addr, k->len, &pc->conn);
+        if (r < 0) {
+                wp_free(pc);
+                cnt_add(w, WP_C_UPSTREAM_CX_FAIL, 1);
+                return NULL;
+        }
+        pc->bucket = key_hash(k);
+        list_add_tail(&w->buckets[pc->bucket], &pc->link);
+        pc->usable = true;
+        list_add_tail(&w->upstreams, &pc->all);
+        cnt_add(w, WP_C_UPSTREAM_CX_TOTAL, 1);
+        cnt_add(w, WP_C_UPSTREAM_CX_ACTIVE, 1);
+        return pc;
+}
+
+static void upstream_established(struct hbone_conn *c, void *user)
+{
+        struct pool_conn *pc = user;
+
+        pc->established = true;
+        wp_debug("upstream", "[C%lu] established, peer %s", (unsigned long)hbone_conn_id(c),
+                 hbone_conn_peer_uri(c));
+        while (!list_empty(&pc->waiting)) {
+                struct tunnel *t = container_of(pc->waiting.next, struct tunnel, wait_link);
+
+                list_del(&t->wait_link);
+                tunnel_open_on(t, pc);
+        }
+}
+
+static void upstream_closed(struct hbone_conn *c, int err, const char *why, void *user)
+{
+        struct pool_conn *pc = user;
+        struct wp_worker *w = pc->w;
+        bool timeout = err == -ETIMEDOUT;
+
+        pool_unlist(pc);
+        if (!pc->established) {
+                cnt_add(w, WP_C_UPSTREAM_CX_FAIL, 1);
+                wp_info("upstream", "[C%lu] connection failed: %s",
+                        (unsigned long)hbone_conn_id(c), why);
+        } else {
+                wp_debug("upstream", "[C%lu] closed: %s", (unsigned long)hbone_conn_id(c), why);
+        }
+        while (!list_empty(&pc->waiting)) {
+                struct tunnel *t = container_of(pc->waiting.next, struct tunnel, wait_link);
+
+                list_del(&t->wait_link);
+                t->pc = NULL;
+                pc->tunnels--;
+                hbone_relay_fail(t->relay, timeout ? 504 : 502,
+                                 timeout ? "upstream_timeout" : "upstream_refused");
+        }
+        /* tunnels that had streams on it were told through on_tunnel_close; detach them */
+        pc->conn = NULL;
+        wp_timer_disarm(w->loop, &pc->idle);
+        list_del(&pc->all);
+        cnt_add(w, WP_C_UPSTREAM_CX_ACTIVE, -1);
+        hbone_conn_free(c);
+        if (pc->tunnels == 0)
+                wp_free(pc);
+        else
+                pc->established = false; /* freed by the last tunnel: see tunnel_free */
+}
+
+static int upstream_on_request(struct hbone_session *s, struct hbone_stream *st,
+                               const struct hbone_request *req, void *session_user)
+{
+        return -EPROTO; /* a server must not open streams towards us */
+}
+
+static void upstream_on_goaway(struct hbone_session *s, uint32_t err, void *session_user)
+{
+        struct pool_conn *pc = hbone_conn_user(session_user);
+
+        pool_unlist(pc); /* never reused */
+}
+
+static const struct hbone_callbacks upstream_cb = {
+        .on_tunnel_request = upstream_on_request,
+        .on_tunnel_response = hbone_relay_on_response,
+        .on_tunnel_data = hbone_relay_on_data,
+        .on_tunnel_eof = hbone_relay_on_eof,
+        .on_tunnel_writable = hbone_relay_on_writable,
+        .on_tunnel_close = hbone_relay_on_close,
+        .on_goaway = upstream_on_goaway,
+};
+
+static const struct hbone_conn_ops upstream_ops = {
+        .on_established = upstream_established,
+        .on_closed = upstream_closed,
+};
+
+/* ---- downstream ---- */
+
+static void format_peer(const struct sockaddr_storage *ss, char *out, size_t cap)
+{
+        if (hbone_target_format((const struct sockaddr *)ss, out, cap) < 0)
+                snprintf(out, cap, "?");
+}
+
+static int downstream_on_request(struct hbone_session *s, struct hbone_stream *st,
+                                 const struct hbone_request *req, void *session_user)
+{
+        struct hbone_conn *conn = session_user;
+        struct downstream *d = hbone_conn_user(conn);
+        struct wp_worker *w = d->w;
+        const struct wp_options *o = &w->rt->opts;
+        const struct wp_chain *chain = NULL;
+        struct hbone_relay_config rcfg;
+        struct tunnel *t;
+        int r;
+
+        t = wp_calloc(1, sizeof(*t));
+        if (!t)
+                return -ENOMEM;
+        t->w = w;
+        t->id = ++w->next_id;
+        t->start_ns = wp_now_ns();
+        list_init(&t->wait_link);
+        snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
+        format_peer(hbone_conn_peer_addr(conn), t->peer, sizeof(t->peer));
+        rcfg = (struct hbone_relay_config){
+                .loop = w->loop,
+                .ops = &relay_ops,
+                .user = t,
+                .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
+                                                            : w->snap->connect_timeout_ms,
+                .error_header = "x-waypoint-error",
+        };
+        r = hbone_relay_new(&rcfg, conn, st, false, &t->relay);
+        if (r < 0) {
+                wp_free(t);
+                return r;
+        }
+        t->snap = wp_snapshot_ref(w->snap);
+        cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
+        cnt_add(w, WP_C_TUNNELS_ACTIVE, 1);
+
+        if (req->target.is_ip)
+                chain = wp_snapshot_lookup(t->snap, (const struct sockaddr *)&req->target.addr);
+        if (!chain) {
+                cnt_add(w, WP_C_TUNNEL_NOT_SERVED, 1);
+                wp_info("tunnel", "[T%lu] %s (%s) -> %s: target not served by this waypoint",
+                        t->id, t->peer, hbone_conn_peer_uri(conn), t->authority);
+                hbone_relay_fail(t->relay, 404, "target_not_served");
+                return 0;
+        }
+        snprintf(t->chain, sizeof(t->chain), "%s", chain->name);
+        if (chain->kind == WP_CHAIN_UNSUPPORTED) {
+                cnt_add(w, WP_C_TUNNEL_UNSUPPORTED, 1);
+                wp_info("tunnel", "[T%lu] -> %s: chain %s needs %s, not supported yet", t->id,
+                        t->authority, chain->name, chain->unsupported);
+                hbone_relay_fail(t->relay, 501, "unsupported_chain");
+                return 0;
+        }
+        if (chain->kind == WP_CHAIN_PASSTHROUGH) {
+                /* workload-addressed: the destination itself, through its ztunnel */
+                memcpy(&t->own_ep.addr, &req->target.addr, req->target.addrlen);
+                t->own_ep.addrlen = req->target.addrlen;
+                hbone_target_format((const struct sockaddr *)&t->own_ep.addr,
+                                    t->own_ep.authority, sizeof(t->own_ep.authority));
+                t->own_ep.hbone = true;
+                t->own_ep.healthy = true;
+                t->ep = &t->own_ep;
+        } else {
+                t->ep = wp_chain_pick(chain, rnd_next(w));
+        }
+        if (!t->ep) {
+                cnt_add(w, WP_C_TUNNEL_NO_ENDPOINT, 1);
+                wp_info("tunnel", "[T%lu] -> %s: no healthy endpoint in %s", t->id, t->authority,
+                        chain->name);
+                hbone_relay_fail(t->relay, 503, "no_healthy_endpoint");
+                return 0;
+        }
+        if (t->ep->hbone) {
+                pool_attach(w, t);
+        } else {
+                r = hbone_relay_connect_tcp(t->relay, (const struct sockaddr *)&t->ep->addr,
+                                            t->ep->addrlen);
+                if (r < 0)
+                        hbone_relay_fail(t->relay, 502, "upstream_refused");
+        }
+        return 0;
+}
+
+static void downstream_on_goaway(struct hbone_session *s, uint32_t err, void *session_user)
+{
+}
+
+static const struct hbone_callbacks downstream_cb = {
+        .on_tunnel_request = downstream_on_request,
+        .on_tunnel_response = hbone_relay_on_response,
+        .on_tunnel_data = hbone_relay_on_data,
+        .on_tunnel_eof = hbone_relay_on_eof,
+        .on_tunnel_writable = hbone_relay_on_writable,
+        .on_tunnel_close = hbone_relay_on_close,
+        .on_goaway = downstream_on_goaway,
+};
+
+static void downstream_established(struct hbone_conn *c, void *user)
+{
+        struct downstream *d = user;
+        char peer[64];
+
+        format_peer(hbone_conn_peer_addr(c), peer, sizeof(peer));
+        wp_debug("downstream", "[C%lu] %s: established, peer identity %s", (unsigned long)d->id,
+                 peer, hbone_conn_peer_uri(c));
+        if (d->w->draining)
+                hbone_conn_drain(c);
+}
+
+static void downstream_closed(struct hbone_conn *c, int err, const char *why, void *user)
+{
+        struct downstream *d = user;
+        struct wp_worker *w = d->w;
+        char peer[64];
+
+        format_peer(hbone_conn_peer_addr(c), peer, sizeof(peer));
+        if (!hbone_conn_peer_uri(c) && err) {
+                cnt_add(w, WP_C_DOWNSTREAM_CX_TLS_FAIL, 1);
+                wp_info("downstream", "[C%lu] %s: closed before established: %s",
+                        (unsigned long)d->id, peer, why);
+        } else {
+                wp_debug("downstream", "[C%lu] %s: closed: %s", (unsigned long)d->id, peer, why);
+        }
+        list_del(&d->link);
+        cnt_add(w, WP_C_DOWNSTREAM_CX_ACTIVE, -1);
+        hbone_conn_free(c);
+        wp_free(d);
+}
+
+static const struct hbone_conn_ops downstream_ops = {
+        .on_established = downstream_established,
+        .on_closed = downstream_closed,
+};
+
+static void arm_accept(struct wp_worker *w)
+{
+        if (w->listen_fd >= 0 && !w->draining)
+                wp_loop_accept(w->loop, &w->accept_op, w->listen_fd);
+}
+
+static void on_accept(struct wp_op *op, int res)
+{
+        struct wp_worker *w = container_of(op, struct wp_worker, accept_op);
+        const struct wp_options *o = &w->rt->opts;
+        struct hbone_conn_config cfg;
+        struct downstream *d;
+
+        if (res < 0) {
+                if (res != -ECANCELED && res != -EAGAIN && res != -EINTR)
+                        wp_warn("worker", "accept: %s", strerror(-res));
+                if (res == -EMFILE || res == -ENFILE) {
+                        /* out of descriptors: back off rather than spin */
+                        usleep(10000);
+                }
+                arm_accept(w);
+                return;
+        }
+        if (w->draining || !w->server_tls) {
+                close(res);
+                return;
+        }
+        d = wp_calloc(1, sizeof(*d));
+        if (!d) {
+                close(res);
+                arm_accept(w);
+                return;
+        }
+        d->w = w;
+        d->id = ++w->next_id;
+        cfg = (struct hbone_conn_config){
+                .loop = w->loop,
+                .tls_ctx = w->server_tls,
+                .lim = &o->lim,
+                .cb = &downstream_cb,
+                .ops = &downstream_ops,
+                .user = d,
+                .handshake_timeout_ms = o->handshake_timeout_ms,
+                .id = d->id,
+        };
+        if (hbone_conn_accept(&cfg, res, &d->conn) < 0) {
+                wp_free(d);
+        } else {
+                list_add_tail(&w->downstreams, &d->link);
+                cnt_add(w, WP_C_DOWNSTREAM_CX_TOTAL, 1);
+                cnt_add(w, WP_C_DOWNSTREAM_CX_ACTIVE, 1);
+        }
+        arm_accept(w);
+}
+
+/* ---- the thread ---- */
+
+static void refresh_snapshot(struct wp_worker *w)
+{
+        struct wp_runtime *rt = w->rt;
+        uint64_t v = atomic_load_explicit(&rt->snap_version, memory_order_acquire);
+
+        if (v == w->snap_version)
+                return;
+        pthread_mutex_lock(&rt->snap_lock);
+        w->snap = wp_snapshot_unref(w->snap);
+        w->snap = wp_snapshot_ref(rt->current);
+        if (w->server_tls != rt->server_tls) {
+                wp_tls_ctx_unref(w->server_tls);
+                w->server_tls = wp_tls_ctx_ref(rt->server_tls);
+        }
+        if (w->client_tls != rt->client_tls) {
+                wp_tls_ctx_unref(w->client_tls);
+                w->client_tls = wp_tls_ctx_ref(rt->client_tls);
+        }
+        w->snap_version = v;
+        pthread_mutex_unlock(&rt->snap_lock);
+}
+
+static void start_drain(struct wp_worker *w)
+{
+        struct list *it;
+
+        if (w->draining)
+                return;
+        w->draining = true;
+        w->drain_deadline = wp_now_ns() + w->rt->opts.drain_ms * WP_NSEC_PER_MSEC;
+        wp_loop_cancel(w->loop, &w->accept_op);
+        for (it = w->downstreams.next; it != &w->downstreams; it = it->next)
+                hbone_conn_drain(container_of(it, struct downstream, link)->conn);
+        for (it = w->upstreams.next; it != &w->upstreams; it = it->next) {
+                struct pool_conn *pc = container_of(it, struct pool_conn, all);
+
+                if (pc->tunnels == 0 && pc->conn)
+                        hbone_conn_drain(pc->conn);
+        }
+}
+
+static void close_everything(struct wp_worker *w)
+{
+        while (!list_empty(&w->downstreams)) {
+                struct downstream *d = container_of(w->downstreams.next, struct downstream, link);
+
+                if (hbone_conn_closing(d->conn))
+                        break;
+                hbone_conn_close(d->conn, -ECANCELED, "drain deadline");
+        }
+        for (struct list *it = w->upstreams.next; it != &w->upstreams; it = it->next) {
+                struct pool_conn *pc = container_of(it, struct pool_conn, all);
+
+                if (pc->conn && !hbone_conn_closing(pc->conn))
+                        hbone_conn_close(pc->conn, -ECANCELED, "drain deadline");
+        }
+}
+
+static void on_wake(void *arg)
+{
+        (void)arg;
+}
+
+static void *worker_main(void *arg)
+{
+        struct wp_worker *w = arg;
+        struct wp_runtime *rt = w->rt;
+        bool forced = false;
+
+        arm_accept(w);
+        for (;;) {
+                refresh_snapshot(w);
+                if (atomic_load(&rt->draining) && !w->draining)
+                        start_drain(w);
+                if (w->draining) {
+                        bool idle = list_empty(&w->downstreams) && list_empty(&w->upstreams) &&
+                                    !wp_op_inflight(&w->accept_op);
+
+                        if (idle)
+                                break;
+                        if (!forced && wp_now_ns() >= w->drain_deadline) {
+                                forced = true;
+                                close_everything(w);
+                        }
+                        /* idle pooled connections go as soon as their last tunnel ends */
+                        for (struct list *it = w->upstreams.next; it != &w->upstreams;
+                             it = it->next) {
+                                struct pool_conn *pc = container_of(it, struct pool_conn, all);
+
+                                if (pc->tunnels == 0 && pc->conn)
+                                        hbone_conn_drain(pc->conn);
+                        }
+                }
+                if (wp_loop_run_once(w->loop, 200 * WP_NSEC_PER_MSEC) < 0)
+                        break;
+        }
+        return NULL;
+}
+
+static int open_listener(const struct wp_addr *a, int *ret_fd)
+{
+        int fd, one = 1;
+
+        fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+        if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
+                int r = -errno;
+
+                close(fd);
+                return r;
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+int wp_worker_start(struct wp_runtime *rt, unsigned idx, struct wp_worker **ret,
+                    const char **reterr_desc)
+{
+        struct wp_worker *w;
+        const char *note = NULL;
+        int r;
+
+        w = wp_calloc(1, sizeof(*w));
+        if (!w)
+                return -ENOMEM;
+        w->rt = rt;
+        w->idx = idx;
+        w->listen_fd = -1;
+        w->rnd = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)idx << 32) ^ wp_now_ns();
+        list_init(&w->downstreams);
+        list_init(&w->upstreams);
+        for (unsigned i = 0; i < POOL_BUCKETS; i++)
+                list_init(&w->buckets[i]);
+        wp_op_init(&w->accept_op, on_accept);
+        r = wp_loop_new(rt->opts.io_backend, 4096, &w->loop, &note);
+        if (r < 0) {
+                *reterr_desc = note ? note : "cannot create the event loop";
+                goto err_free;
+        }
+        if (idx == 0) {
+                rt->backend = wp_loop_backend(w->loop);
+                rt->backend_note = note;
+        }
+        wp_loop_set_wake(w->loop, on_wake, w);
+        r = open_listener(&rt->opts.hbone_addr, &w->listen_fd);
+        if (r < 0) {
+                *reterr_desc = "cannot listen on the HBONE address";
+                goto err_loop;
+        }
+        refresh_snapshot(w);
+        r = -pthread_create(&w->thread, NULL, worker_main, w);
+        if (r < 0) {
+                *reterr_desc = "cannot start the worker thread";
+                goto err_listen;
+        }
+        *ret = w;
+        return 0;
+
+err_listen:
+        close(w->listen_fd);
+err_loop:
+        wp_loop_free(w->loop);
+err_free:
+        wp_free(w);
+        return r;
+}
+
+void wp_worker_wake(struct wp_worker *w)
+{
+        wp_loop_wake(w->loop);
+}
+
+void wp_worker_join(struct wp_worker *w)
+{
+        pthread_join(w->thread, NULL);
+        /* let cancelled ops complete before freeing */
+        for (int i = 0; i < 100 && wp_loop_inflight(w->loop) > 0; i++)
+                wp_loop_run_once(w->loop, 10 * WP_NSEC_PER_MSEC);
+        if (w->listen_fd >= 0)
+                close(w->listen_fd);
+        w->snap = wp_snapshot_unref(w->snap);
+        wp_tls_ctx_unref(w->server_tls);
+        wp_tls_ctx_unref(w->client_tls);
+        w->loop = wp_loop_free(w->loop);
+}
+
+void wp_worker_free(struct wp_worker *w)
+{
+        wp_free(w);
+}
