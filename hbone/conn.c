@@ -43,6 +43,7 @@ struct hbone_conn {
         enum conn_state state;
         bool server;
         bool draining;
+        bool shut_wr;
         bool in_recv; /* processing input: defer the flush */
         unsigned busy; /* inside one of our callbacks: on_closed waits until it returns */
         int fd;
@@ -63,6 +64,7 @@ struct hbone_conn {
 static __thread uint8_t plain_scratch[64 * 1024];
 
 static void conn_flush(struct hbone_conn *c);
+static void arm_recv(struct hbone_conn *c);
 static void conn_try_finalize(struct hbone_conn *c);
 
 static void set_why(struct hbone_conn *c, int err, const char *why)
@@ -120,14 +122,16 @@ static void conn_linger_close(struct hbone_conn *c, int err, const char *why)
                 return;
         set_why(c, err, why);
         c->state = CONN_LINGER;
-        wp_loop_cancel(c->cfg.loop, &c->recv_op);
+        /* keep reading (and discarding): closing with unread input would make the kernel send
+         * a TCP RST, and the peer could lose the GOAWAY or alert we are flushing */
+        arm_recv(c);
         wp_timer_arm(c->cfg.loop, &c->timer, wp_now_ns() + LINGER_MS * WP_NSEC_PER_MSEC);
         conn_flush(c);
 }
 
 static void arm_recv(struct hbone_conn *c)
 {
-        if (c->state >= CONN_LINGER || wp_op_inflight(&c->recv_op))
+        if (c->state >= CONN_CLOSING || wp_op_inflight(&c->recv_op))
                 return;
         wp_loop_recv(c->cfg.loop, &c->recv_op, c->fd, c->rbuf, RBUF_SIZE);
 }
@@ -241,7 +245,14 @@ static void on_recv_body(struct wp_op *op, int res)
 {
         struct hbone_conn *c = container_of(op, struct hbone_conn, recv_op);
 
-        if (c->state >= CONN_LINGER) {
+        if (c->state == CONN_LINGER) {
+                if (res <= 0)
+                        conn_hard_close(c); /* peer saw our FIN and closed, or gave up */
+                else
+                        arm_recv(c); /* discard */
+                return;
+        }
+        if (c->state >= CONN_CLOSING) {
                 conn_try_finalize(c);
                 return;
         }
@@ -300,7 +311,10 @@ static void conn_flush(struct hbone_conn *c)
         }
         /* Nothing left to send. */
         if (c->state == CONN_LINGER) {
-                conn_hard_close(c);
+                if (!c->shut_wr) {
+                        c->shut_wr = true;
+                        shutdown(c->fd, SHUT_WR); /* then wait for the peer's FIN or the timer */
+                }
                 return;
         }
         if (c->state == CONN_ESTABLISHED && hbone_session_finished(c->sess))

@@ -309,6 +309,7 @@ static void on_tcp_send(struct wp_op *op, int res)
 
 static void upstream_ready(struct hbone_relay *r)
 {
+        wp_timer_disarm(r->cfg.loop, &r->up.timer);
         r->established = true;
         respond_down(r, 200, NULL);
         report(r, HBONE_RELAY_OK, 200);
@@ -367,11 +368,21 @@ static void on_tcp_connect(struct wp_op *op, int res)
         check_done(r);
 }
 
-static void on_tcp_timer(struct wp_timer *t)
+static void on_end_timer(struct wp_timer *t)
 {
         struct end *e = container_of(t, struct end, timer);
         struct hbone_relay *r = e->r;
 
+        if (e->kind == END_STREAM) {
+                /* the upstream HBONE peer did not answer the CONNECT in time */
+                if (r->established || e->closed || !e->st)
+                        return;
+                hbone_stream_reset(e->st, HBONE_H2_CANCEL);
+                hbone_conn_kick(e->conn);
+                up_failed(r, HBONE_RELAY_UPSTREAM_TIMEOUT, 0);
+                check_done(r);
+                return;
+        }
         if (!e->connecting)
                 return;
         e->failed = true;
@@ -390,7 +401,7 @@ static int tcp_end_init(struct end *e, int fd)
         wp_op_init(&e->recv_op, on_tcp_recv);
         wp_op_init(&e->send_op, on_tcp_send);
         wp_op_init(&e->connect_op, on_tcp_connect);
-        e->timer.on_fire = on_tcp_timer;
+        e->timer.on_fire = on_end_timer;
         wp_bufq_init(&e->sq, PENDING_CHUNK,
                      (e->r->cfg.tcp_send_queue + PENDING_CHUNK - 1) / PENDING_CHUNK);
         return 0;
@@ -456,6 +467,9 @@ int hbone_relay_open_hbone(struct hbone_relay *r, struct hbone_conn *up_conn,
         r->up.kind = END_STREAM;
         r->up.st = st;
         r->up.conn = up_conn;
+        if (r->cfg.connect_timeout_ms)
+                wp_timer_arm(r->cfg.loop, &r->up.timer,
+                             wp_now_ns() + r->cfg.connect_timeout_ms * WP_NSEC_PER_MSEC);
         hbone_conn_kick(up_conn);
         return 0;
 }
@@ -525,20 +539,26 @@ void hbone_relay_on_close(struct hbone_stream *st, uint32_t h2_error, void *user
 
         e->st = NULL;
         e->closed = true;
-        if (!clean)
+        wp_timer_disarm(r->cfg.loop, &e->timer);
+        if (!clean) {
                 e->failed = true;
-        /* drop what this end sent that was never forwarded; credit no longer matters */
-        wp_bufq_done(&e->pending);
-        if (e == &r->up && !r->established && !r->answered) {
-                up_failed(r, HBONE_RELAY_UPSTREAM_RESET, 0);
-        } else if (e == &r->down && !r->established) {
-                if (!r->answered)
-                        report(r, HBONE_RELAY_DOWNSTREAM_GONE, 0);
-                end_reset(&r->up);
+                /* what this end sent and was never forwarded is lost with the reset */
+                wp_bufq_done(&e->pending);
+        }
+        if (!r->established) {
+                if (e == &r->up) {
+                        /* no 200 from upstream: answer the downstream unless already done */
+                        if (!r->answered)
+                                up_failed(r, HBONE_RELAY_UPSTREAM_RESET, 0);
+                } else {
+                        if (!r->answered)
+                                report(r, HBONE_RELAY_DOWNSTREAM_GONE, 0);
+                        end_reset(&r->up);
+                }
         } else if (!clean) {
                 end_reset(other(e));
         } else {
-                /* clean close: the other side has everything; make sure it got EOF */
+                /* clean close: deliver what is still pending, then EOF */
                 forward(e, other(e));
         }
         check_done(r);
@@ -586,6 +606,7 @@ int hbone_relay_new(const struct hbone_relay_config *cfg, struct hbone_conn *dow
         r->answered = down_answered;
         wp_bufq_init(&r->down.pending, PENDING_CHUNK, PENDING_MAX_CHUNKS);
         wp_bufq_init(&r->up.pending, PENDING_CHUNK, PENDING_MAX_CHUNKS);
+        r->up.timer.on_fire = on_end_timer;
         hbone_stream_set_user(down, &r->down);
         *ret = r;
         return 0;
@@ -595,6 +616,7 @@ struct hbone_relay *hbone_relay_free(struct hbone_relay *r)
 {
         if (!r)
                 return NULL;
+        wp_timer_disarm(r->cfg.loop, &r->up.timer);
         if (r->down.st)
                 hbone_stream_set_user(r->down.st, NULL);
         if (r->up.kind == END_STREAM && r->up.st)
