@@ -290,6 +290,35 @@ static void test_unknown_filter_makes_chain_unsupported_not_open(void)
         free(text);
 }
 
+
+/* A workload-addressed destination (a pod IP bound to this waypoint) dispatches to istiod's
+ * direct-tcp chain, whose tcp_proxy goes to `encap`: HBONE to the original destination. */
+static void test_workload_address_goes_to_passthrough_chain(void)
+{
+        static const char range[] =
+                "\"range_matchers\": [ {\"ranges\": [{\"address_prefix\": \"127.0.22.0\", "
+                "\"prefix_len\": 24}], \"on_match\": {\"action\": {\"name\": \"direct-tcp\", "
+                "\"typed_config\": {\"@type\": \"type.googleapis.com/google.protobuf.StringValue\", "
+                "\"value\": \"direct-tcp\"}}}},";
+        char *fixture = check_read_test_file("data/istiod-waypoint-bookinfo.json", NULL);
+        char *text = replace_nth(fixture, "\"range_matchers\": [", range, 1);
+        struct wp_snapshot *s = NULL;
+        char *err = NULL;
+
+        free(fixture);
+        REQUIRE(build_text(text, &s, &err) == 0);
+        const struct wp_chain *c = lookup(s, "127.0.22.3", 9080);
+        REQUIRE(c != NULL);
+        CHECK_STR_EQ(c->name, "direct-tcp");
+        CHECK_INT_EQ(c->kind, WP_CHAIN_PASSTHROUGH);
+        /* the /32 VIP ranges still win where they apply */
+        c = lookup(s, "127.200.0.6", 27017);
+        REQUIRE(c != NULL);
+        CHECK_INT_EQ(c->kind, WP_CHAIN_TCP);
+        wp_snapshot_unref(s);
+        free(text);
+}
+
 static int build_once(void *arg)
 {
         struct xds_resources *res = NULL;
@@ -332,6 +361,7 @@ int main(void)
         RUN(test_rejects_missing_main_internal);
         RUN(test_rejects_chain_without_terminal_filter);
         RUN(test_unknown_filter_makes_chain_unsupported_not_open);
+        RUN(test_workload_address_goes_to_passthrough_chain);
         RUN(test_build_survives_allocation_failures);
         free(demo_json);
         return check_exit();
