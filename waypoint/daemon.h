@@ -80,6 +80,8 @@ struct wp_runtime {
 void wp_runtime_publish(struct wp_runtime *rt, struct wp_snapshot *s);
 /* Takes a reference on the current snapshot. */
 struct wp_snapshot *wp_runtime_snapshot(struct wp_runtime *rt);
+/* Replaces the TLS contexts used for new connections (takes ownership of both). */
+void wp_runtime_set_tls(struct wp_runtime *rt, struct wp_tls_ctx *server, struct wp_tls_ctx *client);
 
 /* worker.c */
 int wp_worker_start(struct wp_runtime *rt, unsigned idx, struct wp_worker **ret,

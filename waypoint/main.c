@@ -15,6 +15,8 @@
 #include "waypoint/base/log.h"
 #include "waypoint/base/tls.h"
 #include "waypoint/base/x509.h"
+#include "waypoint/bootstrap.h"
+#include "waypoint/control.h"
 #include "waypoint/daemon.h"
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
@@ -49,7 +51,19 @@ static void usage(FILE *f)
               "  --stream-window BYTES       HTTP/2 stream window (4 MiB)\n"
               "  --connection-window BYTES   HTTP/2 connection window (16 MiB)\n"
               "  --pool-idle-ms MS           idle upstream connections close after (300000)\n"
-              "  --drain-ms MS               drain period on SIGTERM (5000)\n",
+              "  --drain-ms MS               drain period on SIGTERM (5000)\n"
+              "without --config-file / --cert-file, config and identity come from istiod:\n"
+              "  --xds-address HOST:PORT     istiod (PROXY_CONFIG discoveryAddress, else\n"
+              "                              istiod.istio-system.svc:15012)\n"
+              "  --ca-address HOST:PORT      Istio CA (CA_ADDR, else the xDS address)\n"
+              "  --xds-server-name NAME      istiod's TLS name (istiod.istio-system.svc)\n"
+              "  --token-file FILE           bearer token (/var/run/secrets/tokens/istio-token)\n"
+              "  --cluster-id ID             (ISTIO_META_CLUSTER_ID, else Kubernetes)\n"
+              "  --pod-name, --pod-namespace, --pod-ip, --service-account\n"
+              "                              (POD_NAME, POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT)\n"
+              "  --xds-sotw                  state-of-the-world ADS instead of delta\n"
+              "  --cert-ttl-s S              requested certificate lifetime (86400)\n"
+              "  --max-xds-message BYTES     largest ADS message accepted (16 MiB)\n",
               f);
 }
 
@@ -86,6 +100,18 @@ enum {
         OPT_CWIN,
         OPT_IDLE,
         OPT_DRAIN,
+        OPT_XDS,
+        OPT_CA,
+        OPT_XDS_NAME,
+        OPT_TOKEN,
+        OPT_CLUSTER,
+        OPT_POD_NAME,
+        OPT_POD_NS,
+        OPT_POD_IP,
+        OPT_SA,
+        OPT_SOTW,
+        OPT_TTL,
+        OPT_MAXMSG,
         OPT_IGNORED,
 };
 
@@ -109,6 +135,18 @@ static const struct option long_opts[] = {
         {"connection-window", required_argument, NULL, OPT_CWIN},
         {"pool-idle-ms", required_argument, NULL, OPT_IDLE},
         {"drain-ms", required_argument, NULL, OPT_DRAIN},
+        {"xds-address", required_argument, NULL, OPT_XDS},
+        {"ca-address", required_argument, NULL, OPT_CA},
+        {"xds-server-name", required_argument, NULL, OPT_XDS_NAME},
+        {"token-file", required_argument, NULL, OPT_TOKEN},
+        {"cluster-id", required_argument, NULL, OPT_CLUSTER},
+        {"pod-name", required_argument, NULL, OPT_POD_NAME},
+        {"pod-namespace", required_argument, NULL, OPT_POD_NS},
+        {"pod-ip", required_argument, NULL, OPT_POD_IP},
+        {"service-account", required_argument, NULL, OPT_SA},
+        {"xds-sotw", no_argument, NULL, OPT_SOTW},
+        {"cert-ttl-s", required_argument, NULL, OPT_TTL},
+        {"max-xds-message", required_argument, NULL, OPT_MAXMSG},
         /* accepted for the stock Deployment's pilot-agent argv */
         {"domain", required_argument, NULL, OPT_IGNORED},
         {"serviceCluster", required_argument, NULL, OPT_IGNORED},
@@ -117,6 +155,8 @@ static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
 };
+
+static struct wp_bootstrap bs;
 
 static int parse_args(int argc, char **argv, struct wp_options *o)
 {
@@ -203,6 +243,46 @@ static int parse_args(int argc, char **argv, struct wp_options *o)
                         if (parse_u32(optarg, 0, 86400000, &o->drain_ms) < 0)
                                 goto bad;
                         break;
+                case OPT_XDS:
+                        bs.xds_address = wp_strdup(optarg);
+                        break;
+                case OPT_CA:
+                        bs.ca_address = wp_strdup(optarg);
+                        break;
+                case OPT_XDS_NAME:
+                        bs.xds_server_name = wp_strdup(optarg);
+                        break;
+                case OPT_TOKEN:
+                        bs.token_file = wp_strdup(optarg);
+                        break;
+                case OPT_CLUSTER:
+                        bs.cluster_id = wp_strdup(optarg);
+                        break;
+                case OPT_POD_NAME:
+                        bs.pod_name = wp_strdup(optarg);
+                        break;
+                case OPT_POD_NS:
+                        bs.pod_namespace = wp_strdup(optarg);
+                        break;
+                case OPT_POD_IP:
+                        bs.pod_ip = wp_strdup(optarg);
+                        break;
+                case OPT_SA:
+                        bs.service_account = wp_strdup(optarg);
+                        break;
+                case OPT_SOTW:
+                        bs.sotw = true;
+                        break;
+                case OPT_TTL:
+                        if (parse_u32(optarg, 60, 30 * 86400, &bs.cert_ttl_s) < 0 &&
+                            parse_u32(optarg, 1, 30 * 86400, &bs.cert_ttl_s) < 0)
+                                goto bad;
+                        break;
+                case OPT_MAXMSG:
+                        if (parse_u32(optarg, 1024, 1u << 30, &v) < 0)
+                                goto bad;
+                        bs.max_xds_message = v;
+                        break;
                 case OPT_IGNORED:
                         break;
                 case 'h':
@@ -235,8 +315,7 @@ static int load_tls(struct wp_runtime *rt)
         int r;
 
         if (!o->cert_file || !o->key_file || !o->root_cert) {
-                wp_error("main", "--cert-file, --key-file and --root-cert are required (istiod "
-                                 "CA support comes with the control-plane issue)");
+                wp_error("main", "--cert-file, --key-file and --root-cert go together");
                 return -EINVAL;
         }
         if ((r = wp_read_file(o->cert_file, PEM_MAX, &cert, NULL)) < 0 ||
@@ -273,31 +352,6 @@ out:
         return r;
 }
 
-void wp_runtime_publish(struct wp_runtime *rt, struct wp_snapshot *s)
-{
-        struct wp_snapshot *old;
-
-        pthread_mutex_lock(&rt->snap_lock);
-        old = rt->current;
-        rt->current = s;
-        atomic_fetch_add_explicit(&rt->snap_version, 1, memory_order_release);
-        pthread_mutex_unlock(&rt->snap_lock);
-        wp_snapshot_unref(old);
-        for (unsigned i = 0; i < rt->nworkers; i++)
-                if (rt->workers[i])
-                        wp_worker_wake(rt->workers[i]);
-}
-
-struct wp_snapshot *wp_runtime_snapshot(struct wp_runtime *rt)
-{
-        struct wp_snapshot *s;
-
-        pthread_mutex_lock(&rt->snap_lock);
-        s = wp_snapshot_ref(rt->current);
-        pthread_mutex_unlock(&rt->snap_lock);
-        return s;
-}
-
 static int load_config(struct wp_runtime *rt)
 {
         struct xds_resources *res = NULL;
@@ -306,11 +360,6 @@ static int load_config(struct wp_runtime *rt)
         char *berr = NULL;
         int r;
 
-        if (!rt->opts.config_file) {
-                wp_error("main", "--config-file is required (xDS from istiod comes with the "
-                                 "control-plane issue)");
-                return -EINVAL;
-        }
         r = xds_resources_load_file(rt->opts.config_file, &res, &err);
         if (r < 0) {
                 wp_error("config", "%s: %s", rt->opts.config_file, err ? err : strerror(-r));
@@ -340,6 +389,7 @@ int main(int argc, char **argv)
 {
         static struct wp_runtime rt;
         struct wp_options *o = &rt.opts;
+        struct wp_control *control = NULL;
         long ncpu;
         int r;
 
@@ -365,8 +415,26 @@ int main(int argc, char **argv)
                 ncpu = sysconf(_SC_NPROCESSORS_ONLN);
                 o->concurrency = ncpu > 0 ? (unsigned)ncpu : 1;
         }
-        if (load_tls(&rt) < 0 || load_config(&rt) < 0)
+        bool static_identity = o->cert_file != NULL, static_config = o->config_file != NULL;
+
+        if (static_identity && load_tls(&rt) < 0)
                 return 1;
+        if (static_config && load_config(&rt) < 0)
+                return 1;
+        if (!static_identity || !static_config) {
+                const char *err = NULL;
+
+                if (!bs.trust_domain)
+                        bs.trust_domain = wp_strdup(o->trust_domain);
+                if (!bs.root_cert_file && o->root_cert)
+                        bs.root_cert_file = wp_strdup(o->root_cert);
+                if (wp_bootstrap_resolve(&bs, &err) < 0) {
+                        wp_error("main", "%s", err);
+                        return 1;
+                }
+                if (!static_config && !o->status_addr.set)
+                        wp_addr_parse("0.0.0.0:15021", &o->status_addr);
+        }
 
         rt.workers = wp_xcalloc(o->concurrency, sizeof(*rt.workers));
         for (unsigned i = 0; i < o->concurrency; i++) {
@@ -387,7 +455,12 @@ int main(int argc, char **argv)
         if (wp_admin_start(&rt, &o->admin_addr, true) < 0 ||
             (o->status_addr.set && wp_admin_start(&rt, &o->status_addr, false) < 0))
                 return 1;
-        atomic_store(&rt.ready, true);
+        if (static_identity && static_config) {
+                atomic_store(&rt.ready, true);
+        } else if (wp_control_start(&rt, &bs, static_identity, static_config, &control) < 0) {
+                wp_error("main", "cannot start the control thread");
+                return 1;
+        }
 
         struct sigaction sa = {.sa_handler = on_signal};
         sigaction(SIGTERM, &sa, NULL);
@@ -398,6 +471,7 @@ int main(int argc, char **argv)
                 o->drain_ms);
         atomic_store(&rt.ready, false);
         atomic_store(&rt.draining, true);
+        wp_control_stop(control);
         for (unsigned i = 0; i < rt.nworkers; i++)
                 wp_worker_wake(rt.workers[i]);
         for (unsigned i = 0; i < rt.nworkers; i++)
@@ -409,6 +483,7 @@ int main(int argc, char **argv)
         wp_runtime_publish(&rt, NULL);
         wp_tls_ctx_unref(rt.server_tls);
         wp_tls_ctx_unref(rt.client_tls);
+        wp_bootstrap_done(&bs);
         wp_info("main", "exit");
         return 0;
 }

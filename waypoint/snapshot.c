@@ -812,6 +812,28 @@ const struct wp_endpoint *wp_chain_pick(const struct wp_chain *ch, uint64_t rnd)
 
 /* ---- build / free ---- */
 
+static uint64_t listener_digest(const ProtobufCMessage *m)
+{
+        uint8_t stack[4096], *buf = stack;
+        uint64_t h = 1469598103934665603ULL;
+        size_t n;
+
+        if (!m)
+                return 0;
+        n = protobuf_c_message_get_packed_size(m);
+        if (n > sizeof(stack)) {
+                buf = wp_malloc(n);
+                if (!buf)
+                        return 0;
+        }
+        protobuf_c_message_pack(m, buf);
+        for (size_t i = 0; i < n; i++)
+                h = (h ^ buf[i]) * 1099511628211ULL;
+        if (buf != stack)
+                wp_free(buf);
+        return h;
+}
+
 static void snapshot_free(struct wp_snapshot *s)
 {
         for (size_t i = 0; i < s->nchains; i++) {
@@ -905,6 +927,8 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
         r = compile_matcher(&b, mi->filter_chain_matcher, "filter_chain_matcher", 0, &s->matcher);
         if (r < 0)
                 goto err;
+        s->terminate_digest = listener_digest(xds_resources_find(res, XDS_RES_LISTENER,
+                                                                 "connect_terminate"));
         s->res = res;
         *ret = s;
         return 0;

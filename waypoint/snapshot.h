@@ -72,6 +72,9 @@ struct wp_snapshot {
         struct wp_match_node *matcher;
         uint16_t hbone_port;         /* connect_originate upstream_port_override (15008) */
         uint32_t connect_timeout_ms; /* connect_originate connect_timeout */
+        /* digest of the connect_terminate Listener: when it changes, workers drain the
+         * connections accepted under the old one (GOAWAY), as Envoy drains a replaced listener */
+        uint64_t terminate_digest;
         struct xds_resources *res;   /* the resources it was built from (config_dump) */
 };
 

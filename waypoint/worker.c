@@ -314,6 +314,11 @@ static void pool_idle_fire(struct wp_timer *tm)
                 hbone_conn_drain(pc->conn);
 }
 
+static uint32_t t_snap_timeout(const struct wp_worker *w)
+{
+        return w->snap ? w->snap->connect_timeout_ms : 10000;
+}
+
 static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_key *k)
 {
         struct pool_conn *pc = wp_calloc(1, sizeof(*pc));
@@ -337,7 +342,7 @@ static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_ke
                 .user = pc,
                 .handshake_timeout_ms = o->handshake_timeout_ms,
                 .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
-                                                            : w->snap->connect_timeout_ms,
+                                                            : t_snap_timeout(w),
                 .id = ++w->next_id,
         };
         r = hbone_conn_connect(&cfg, (const struct sockaddr *)&k->addr, k->len, &pc->conn);
@@ -467,7 +472,8 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 .ops = &relay_ops,
                 .user = t,
                 .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
-                                                            : w->snap->connect_timeout_ms,
+                                      : w->snap                ? w->snap->connect_timeout_ms
+                                                               : 10000,
                 .error_header = "x-waypoint-error",
         };
         r = hbone_relay_new(&rcfg, conn, st, false, &t->relay);
@@ -478,6 +484,11 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         t->snap = wp_snapshot_ref(w->snap);
         cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
         cnt_add(w, WP_C_TUNNELS_ACTIVE, 1);
+        if (!t->snap) {
+                /* no config yet: refuse rather than mis-route */
+                hbone_relay_fail(t->relay, 503, "not_ready");
+                return 0;
+        }
 
         if (req->target.is_ip)
                 chain = wp_snapshot_lookup(t->snap, (const struct sockaddr *)&req->target.addr);
@@ -638,10 +649,13 @@ static void refresh_snapshot(struct wp_worker *w)
 {
         struct wp_runtime *rt = w->rt;
         uint64_t v = atomic_load_explicit(&rt->snap_version, memory_order_acquire);
+        bool drain_downstreams = false;
 
         if (v == w->snap_version)
                 return;
         pthread_mutex_lock(&rt->snap_lock);
+        if (w->snap && rt->current && w->snap->terminate_digest != rt->current->terminate_digest)
+                drain_downstreams = true;
         w->snap = wp_snapshot_unref(w->snap);
         w->snap = wp_snapshot_ref(rt->current);
         if (w->server_tls != rt->server_tls) {
@@ -654,6 +668,13 @@ static void refresh_snapshot(struct wp_worker *w)
         }
         w->snap_version = v;
         pthread_mutex_unlock(&rt->snap_lock);
+        if (drain_downstreams) {
+                struct list *it;
+
+                wp_info("worker", "connect_terminate listener changed: draining its connections");
+                for (it = w->downstreams.next; it != &w->downstreams; it = it->next)
+                        hbone_conn_drain(container_of(it, struct downstream, link)->conn);
+        }
 }
 
 static void start_drain(struct wp_worker *w)

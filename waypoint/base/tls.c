@@ -44,6 +44,7 @@ struct wp_tls_ctx {
         bool server;
         SSL_CTX *ssl_ctx;
         char *trust_domain; /* NULL: any trust domain */
+        char *verify_hostname; /* client: DNS-name verification instead of SPIFFE */
         int64_t own_not_after;
         char own_uri[URI_CAP]; /* "" when our leaf has no valid SPIFFE id */
 };
@@ -128,6 +129,11 @@ static int check_peer(struct wp_tls *t, X509 *leaf)
         int r;
 
         t->peer_uri[0] = 0;
+        if (t->ctx->verify_hostname) {
+                /* OpenSSL matched the DNS name (X509_VERIFY_PARAM_set1_host) */
+                t->peer_checked = true;
+                return 0;
+        }
         r = wp_x509_spiffe_uri(leaf, t->peer_uri, sizeof(t->peer_uri));
         if (r == -ENOENT) {
                 snprintf(t->cb_err, sizeof(t->cb_err),
@@ -386,6 +392,16 @@ int wp_tls_ctx_new(const struct wp_tls_ctx_config *cfg, struct wp_tls_ctx **ret,
                 SSL_CTX_set_client_hello_cb(c->ssl_ctx, on_client_hello, NULL);
         } else {
                 SSL_CTX_set_verify(c->ssl_ctx, SSL_VERIFY_PEER, on_verify);
+                if (cfg->verify_hostname) {
+                        c->verify_hostname = wp_strdup(cfg->verify_hostname);
+                        if (!c->verify_hostname ||
+                            X509_VERIFY_PARAM_set1_host(SSL_CTX_get0_param(c->ssl_ctx),
+                                                        cfg->verify_hostname, 0) != 1) {
+                                *reterr_desc = "cannot set the verified host name";
+                                r = -ENOMEM;
+                                goto err_free;
+                        }
+                }
                 /* Note the inverted convention: 0 is success. */
                 if (SSL_CTX_set_alpn_protos(c->ssl_ctx, alpn_h2, sizeof(alpn_h2)) != 0) {
                         *reterr_desc = "out of memory";
@@ -427,6 +443,7 @@ struct wp_tls_ctx *wp_tls_ctx_unref(struct wp_tls_ctx *ctx)
                 return NULL;
         SSL_CTX_free(ctx->ssl_ctx);
         wp_free(ctx->trust_domain);
+        wp_free(ctx->verify_hostname);
         wp_free(ctx);
         return NULL;
 }
@@ -467,10 +484,13 @@ int wp_tls_new(struct wp_tls_ctx *ctx, struct wp_tls **ret)
         if (!SSL_set_app_data(t->ssl, t))
                 goto err_wbio;
         SSL_set_bio(t->ssl, t->rbio, t->wbio); /* ssl owns both from here */
-        if (ctx->server)
+        if (ctx->server) {
                 SSL_set_accept_state(t->ssl);
-        else
+        } else {
                 SSL_set_connect_state(t->ssl);
+                if (ctx->verify_hostname)
+                        SSL_set_tlsext_host_name(t->ssl, ctx->verify_hostname);
+        }
         t->ctx = wp_tls_ctx_ref(ctx);
         *ret = t;
         return 0;

@@ -25,6 +25,9 @@ struct wp_tls_ctx_config {
         const char *root_pem;       /* trust anchors (one or more certificates) */
         const char *trust_domain;   /* peer SAN must be spiffe://<trust_domain>/...; NULL = any */
         bool require_peer_cert;     /* server: client certificate required (always for HBONE) */
+        /* client only: verify the server by DNS name instead of SPIFFE identity (istiod's
+         * serving certificate, e.g. "istiod.istio-system.svc"); also sent as SNI. */
+        const char *verify_hostname;
 };
 
 /* Builds a shared, immutable context (thread-safe to use from many connections). Returns 0,
