@@ -40,31 +40,11 @@
 
 /* ---- memory ---- */
 
-static void *mem_malloc(size_t size, void *ud)
-{
-        return wp_malloc(size);
-}
-
-static void mem_free(void *ptr, void *ud)
-{
-        wp_free(ptr);
-}
-
-static void *mem_calloc(size_t nmemb, size_t size, void *ud)
-{
-        return wp_calloc(nmemb, size);
-}
-
-static void *mem_realloc(void *ptr, size_t size, void *ud)
-{
-        return wp_realloc(ptr, size);
-}
-
 static nghttp2_mem ng_mem = {
-        .malloc = mem_malloc,
-        .free = mem_free,
-        .calloc = mem_calloc,
-        .realloc = mem_realloc,
+        .malloc = wp_mem_malloc,
+        .free = wp_mem_free,
+        .calloc = wp_mem_calloc,
+        .realloc = wp_mem_realloc,
 };
 
 /* Own clock for the flood window: feed() has no time argument. */

@@ -84,4 +84,11 @@ unsigned check_failalloc_run(int (*body)(void *arg), void *arg);
  * Aborts the test (exit 99) when missing. Caller frees with free(). */
 char *check_read_test_file(const char *relpath, size_t *ret_len);
 
+/*
+ * Test PKI: mints tests/tools/mkpki.py's certificates once into a fresh temporary directory
+ * (exit 99 on failure) and returns its path; check_pki_cleanup() removes it.
+ */
+const char *check_pki_dir(const char *tag);
+void check_pki_cleanup(void);
+
 #endif

@@ -60,3 +60,38 @@ char *check_read_test_file(const char *relpath, size_t *ret_len)
                 *ret_len = (size_t)n;
         return buf;
 }
+
+static char pki_dir[256];
+
+const char *check_pki_dir(const char *tag)
+{
+        const char *src = getenv("WP_TEST_SRCDIR");
+        char cmd[1024];
+
+        if (pki_dir[0])
+                return pki_dir;
+        snprintf(pki_dir, sizeof(pki_dir), "/tmp/wp-test-%s-XXXXXX", tag);
+        if (!mkdtemp(pki_dir)) {
+                perror("mkdtemp");
+                exit(99);
+        }
+        snprintf(cmd, sizeof(cmd), "/usr/bin/python3 '%s/tools/mkpki.py' '%s' >&2",
+                 src ? src : "tests", pki_dir);
+        if (system(cmd) != 0) {
+                fprintf(stderr, "mkpki.py failed\n");
+                exit(99);
+        }
+        return pki_dir;
+}
+
+void check_pki_cleanup(void)
+{
+        char cmd[512];
+
+        if (!pki_dir[0])
+                return;
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", pki_dir);
+        if (system(cmd) != 0)
+                fprintf(stderr, "cannot remove %s\n", pki_dir);
+        pki_dir[0] = 0;
+}

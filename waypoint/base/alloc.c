@@ -93,3 +93,23 @@ void *wp_xcalloc(size_t nmemb, size_t n)
         }
         return p;
 }
+
+void *wp_mem_malloc(size_t n, void *user)
+{
+        return wp_malloc(n);
+}
+
+void wp_mem_free(void *p, void *user)
+{
+        wp_free(p);
+}
+
+void *wp_mem_calloc(size_t nmemb, size_t n, void *user)
+{
+        return wp_calloc(nmemb, n);
+}
+
+void *wp_mem_realloc(void *p, size_t n, void *user)
+{
+        return wp_realloc(p, n);
+}

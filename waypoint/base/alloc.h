@@ -4,8 +4,9 @@
  *
  * wp_malloc/wp_calloc/wp_realloc return NULL on failure (sizes the peer chooses; callers handle it).
  * wp_xmalloc/wp_xcalloc abort on failure (small fixed-size allocations only).
- * wp_alloc_nghttp2_mem() returns an nghttp2_mem-compatible table (void * to avoid the include) and
- * wp_alloc_install_openssl() routes OpenSSL's allocations through the same counter.
+ * wp_mem_* have the signatures of nghttp2_mem's hooks (user data last), so modules that embed
+ * nghttp2 route its allocations through the same counter without base including nghttp2.
+ * OpenSSL's own allocations are not routed (they are outside failalloc's reach).
  */
 #ifndef WP_ALLOC_H
 #define WP_ALLOC_H
@@ -20,6 +21,11 @@ char *wp_strndup(const char *s, size_t n) __attribute__((warn_unused_result));
 void wp_free(void *p);
 void *wp_xmalloc(size_t n);
 void *wp_xcalloc(size_t nmemb, size_t n);
+
+void *wp_mem_malloc(size_t n, void *user);
+void wp_mem_free(void *p, void *user);
+void *wp_mem_calloc(size_t nmemb, size_t n, void *user);
+void *wp_mem_realloc(void *p, size_t n, void *user);
 
 /* Test hook: when n > 0, the n-th allocation from now (this thread) fails, and later ones succeed.
  * 0 disables. wp_alloc_failed() tells whether the injected failure has fired. */

@@ -22,33 +22,16 @@
 #define CLIENT_URI   "spiffe://cluster.local/ns/default/sa/sleep"
 #define WAYPOINT_URI "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-waypoint"
 
-static char pki_dir[256];
+static const char *pki_dir;
 
 static void pki_setup(void)
 {
-        const char *src = getenv("WP_TEST_SRCDIR");
-        char cmd[1024];
-
-        snprintf(pki_dir, sizeof(pki_dir), "/tmp/wp-test-tls-XXXXXX");
-        if (!mkdtemp(pki_dir)) {
-                perror("mkdtemp");
-                exit(99);
-        }
-        snprintf(cmd, sizeof(cmd), "/usr/bin/python3 '%s/tools/mkpki.py' '%s' >&2",
-                 src ? src : "tests", pki_dir);
-        if (system(cmd) != 0) {
-                fprintf(stderr, "mkpki.py failed\n");
-                exit(99);
-        }
+        pki_dir = check_pki_dir("tls");
 }
 
 static void pki_teardown(void)
 {
-        char cmd[512];
-
-        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", pki_dir);
-        if (system(cmd) != 0)
-                fprintf(stderr, "cannot remove %s\n", pki_dir);
+        check_pki_cleanup();
 }
 
 /* Returns the PEM text of <pki>/<name><ext> (wp_free it); exits 99 when missing. */

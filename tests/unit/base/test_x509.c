@@ -14,34 +14,16 @@
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/x509.h"
 
-static char pki_dir[256];
+static const char *pki_dir;
 
-/* Mints the test PKI once (tests/tools/mkpki.py) into a fresh temporary directory. */
 static void pki_setup(void)
 {
-        const char *src = getenv("WP_TEST_SRCDIR");
-        char cmd[1024];
-
-        snprintf(pki_dir, sizeof(pki_dir), "/tmp/wp-test-x509-XXXXXX");
-        if (!mkdtemp(pki_dir)) {
-                perror("mkdtemp");
-                exit(99);
-        }
-        snprintf(cmd, sizeof(cmd), "/usr/bin/python3 '%s/tools/mkpki.py' '%s' >&2",
-                 src ? src : "tests", pki_dir);
-        if (system(cmd) != 0) {
-                fprintf(stderr, "mkpki.py failed\n");
-                exit(99);
-        }
+        pki_dir = check_pki_dir("x509");
 }
 
 static void pki_teardown(void)
 {
-        char cmd[512];
-
-        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", pki_dir);
-        if (system(cmd) != 0)
-                fprintf(stderr, "cannot remove %s\n", pki_dir);
+        check_pki_cleanup();
 }
 
 static X509 *load_cert(const char *name)
