@@ -52,6 +52,7 @@ struct ip_range {
         uint8_t addr[16];
         unsigned plen;
         bool exclusive;
+        bool owns; /* first range of its range_matcher: frees om.node (shared by the others) */
         struct on_match om;
 };
 
@@ -64,6 +65,18 @@ struct wp_match_node {
         enum node_input input;
         struct ip_range *ranges; /* IN_DST_IP: sorted by prefix length, longest first */
         size_t nranges;
+        /* IN_DST_IP index, so that a lookup does not scan every VIP: host ranges (/32, /128)
+         * by address in xslots (open addressing, range index + 1 of the first range with that
+         * address; xnext chains the next ones in order), every other range in order in
+         * inexact. A host range is longer than any other range of its family, so evaluating
+         * the hits of the address first and then the inexact ranges visits the matching
+         * ranges in the same order as the sorted scan: longest prefix and `exclusive` keep
+         * their meaning. */
+        uint32_t *xslots;
+        size_t xcap; /* power of two, or 0 */
+        uint32_t *xnext;
+        uint32_t *inexact;
+        size_t ninexact;
         struct key_entry *keys; /* exact map */
         size_t nkeys;
         bool prefix; /* prefix_match_map rather than exact */
@@ -71,11 +84,69 @@ struct wp_match_node {
         struct on_match no_match;
 };
 
+/* name -> index, for the build only (cluster and chain references by name) */
+struct name_map {
+        struct name_slot {
+                const char *name; /* borrowed; NULL = empty */
+                size_t idx;
+        } *slots;
+        size_t cap; /* power of two, or 0 */
+};
+
 struct build {
         struct xds_resources *res;
         struct wp_snapshot *s;
+        struct name_map clusters, chains;
         char *err;
 };
+
+static uint32_t str_hash(const char *s)
+{
+        uint32_t h = 2166136261u;
+
+        for (; *s; s++)
+                h = (h ^ (uint8_t)*s) * 16777619u;
+        return h ^ (h >> 15);
+}
+
+static int map_init(struct name_map *m, size_t n)
+{
+        size_t cap = 16;
+
+        while (cap < n * 2)
+                cap *= 2;
+        m->slots = wp_calloc(cap, sizeof(*m->slots));
+        if (!m->slots)
+                return -ENOMEM;
+        m->cap = cap;
+        return 0;
+}
+
+/* Adds name -> idx (room reserved by map_init). Returns idx, or the index name already had. */
+static size_t map_put(struct name_map *m, const char *name, size_t idx)
+{
+        size_t mask = m->cap - 1, i = str_hash(name) & mask;
+
+        for (; m->slots[i].name; i = (i + 1) & mask)
+                if (!strcmp(m->slots[i].name, name))
+                        return m->slots[i].idx;
+        m->slots[i].name = name;
+        m->slots[i].idx = idx;
+        return idx;
+}
+
+/* The index of name, or SIZE_MAX. */
+static size_t map_get(const struct name_map *m, const char *name)
+{
+        size_t mask = m->cap - 1, i;
+
+        if (!m->cap)
+                return SIZE_MAX;
+        for (i = str_hash(name) & mask; m->slots[i].name; i = (i + 1) & mask)
+                if (!strcmp(m->slots[i].name, name))
+                        return m->slots[i].idx;
+        return SIZE_MAX;
+}
 
 static int fail(struct build *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -326,12 +397,11 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
         return 0;
 }
 
-static struct wp_cluster *find_cluster(struct wp_snapshot *s, const char *name)
+static struct wp_cluster *find_cluster(struct build *b, const char *name)
 {
-        for (size_t i = 0; i < s->nclusters; i++)
-                if (!strcmp(s->clusters[i].name, name))
-                        return &s->clusters[i];
-        return NULL;
+        size_t i = map_get(&b->clusters, name);
+
+        return i == SIZE_MAX ? NULL : &b->s->clusters[i];
 }
 
 /* ---- filter chains ---- */
@@ -353,7 +423,6 @@ static bool is_optional_filter(const char *name)
 static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Listener__V3__FilterChain *fc,
                          struct wp_chain *ch)
 {
-        struct wp_snapshot *s = b->s;
         bool terminal = false;
 
         if (!fc->name || !fc->name[0])
@@ -387,7 +456,7 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                                         return -ENOMEM;
                                 }
                                 ch->nclusters = 1;
-                                ch->clusters[0].cluster = find_cluster(s, tp->cluster);
+                                ch->clusters[0].cluster = find_cluster(b, tp->cluster);
                                 ch->clusters[0].weight = 1;
                                 if (!ch->clusters[0].cluster)
                                         r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.cluster: unknown cluster '%s'",
@@ -404,7 +473,7 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                                 for (size_t j = 0; j < n && r == 0; j++) {
                                         const char *cn = tp->weighted_clusters->clusters[j]->name;
 
-                                        ch->clusters[j].cluster = find_cluster(s, cn);
+                                        ch->clusters[j].cluster = find_cluster(b, cn);
                                         ch->clusters[j].weight = tp->weighted_clusters->clusters[j]->weight;
                                         ch->total_weight += ch->clusters[j].weight;
                                         if (!ch->clusters[j].cluster)
@@ -451,12 +520,11 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
         return 0;
 }
 
-static const struct wp_chain *find_chain(struct wp_snapshot *s, const char *name)
+static const struct wp_chain *find_chain(struct build *b, const char *name)
 {
-        for (size_t i = 0; i < s->nchains; i++)
-                if (!strcmp(s->chains[i].name, name))
-                        return &s->chains[i];
-        return NULL;
+        size_t i = map_get(&b->chains, name);
+
+        return i == SIZE_MAX ? NULL : &b->s->chains[i];
 }
 
 /* ---- matcher ---- */
@@ -489,7 +557,7 @@ static int compile_on_match(struct build *b, const PbOnMatch *om, const char *pa
                                    (ProtobufCMessage **)&sv, &err);
                 if (r < 0)
                         return r == -ENOMEM ? r : fail(b, "Listener main_internal: %s.action.typed_config: %s", path, err);
-                ret->chain = find_chain(b->s, sv->value);
+                ret->chain = find_chain(b, sv->value);
                 if (!ret->chain)
                         r = fail(b, "Listener main_internal: %s.action: unknown filter chain '%s'",
                                  path, sv->value);
@@ -521,6 +589,67 @@ static int cmp_range(const void *a, const void *b)
         const struct ip_range *x = a, *y = b;
 
         return (int)y->plen - (int)x->plen;
+}
+
+static bool host_range(const struct ip_range *r)
+{
+        return r->plen == (r->family == AF_INET ? 32u : 128u);
+}
+
+static uint32_t addr_hash(int family, const uint8_t *a)
+{
+        uint32_t h = 2166136261u ^ (uint32_t)family;
+
+        for (size_t i = 0, n = family == AF_INET ? 4 : 16; i < n; i++)
+                h = (h ^ a[i]) * 16777619u;
+        return h ^ (h >> 15);
+}
+
+static bool addr_eq(const struct ip_range *r, int family, const uint8_t *a)
+{
+        return r->family == family && !memcmp(r->addr, a, family == AF_INET ? 4 : 16);
+}
+
+/* Builds the IN_DST_IP index of n (see struct wp_match_node) over its sorted ranges. */
+static int index_ranges(struct wp_match_node *n)
+{
+        size_t nhost = 0, cap = 16;
+
+        if (n->nranges > UINT32_MAX - 1)
+                return -ENOMEM;
+        for (size_t i = 0; i < n->nranges; i++)
+                nhost += host_range(&n->ranges[i]);
+        n->ninexact = 0;
+        if (n->nranges > nhost) {
+                n->inexact = wp_calloc(n->nranges - nhost, sizeof(*n->inexact));
+                if (!n->inexact)
+                        return -ENOMEM;
+        }
+        for (size_t i = 0; i < n->nranges; i++)
+                if (!host_range(&n->ranges[i]))
+                        n->inexact[n->ninexact++] = (uint32_t)i;
+        if (!nhost)
+                return 0;
+        while (cap < nhost * 2)
+                cap *= 2;
+        n->xslots = wp_calloc(cap, sizeof(*n->xslots));
+        n->xnext = wp_calloc(n->nranges, sizeof(*n->xnext));
+        if (!n->xslots || !n->xnext)
+                return -ENOMEM; /* freed with the node */
+        n->xcap = cap;
+        /* backwards, each range pushed in front of its address's chain: chains end up in order */
+        for (size_t i = n->nranges; i-- > 0;) {
+                const struct ip_range *r = &n->ranges[i];
+                size_t mask = cap - 1, j = addr_hash(r->family, r->addr) & mask;
+
+                if (!host_range(r))
+                        continue;
+                while (n->xslots[j] && !addr_eq(&n->ranges[n->xslots[j] - 1], r->family, r->addr))
+                        j = (j + 1) & mask;
+                n->xnext[i] = n->xslots[j];
+                n->xslots[j] = (uint32_t)i + 1;
+        }
+        return 0;
 }
 
 static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensionConfig *cm,
@@ -565,6 +694,7 @@ static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensi
                         }
                         n->ranges[k].exclusive = rm->exclusive;
                         n->ranges[k].om = om;
+                        n->ranges[k].owns = !stored;
                         stored = true;
                         k++;
                 }
@@ -573,6 +703,8 @@ static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensi
         }
         n->nranges = k;
         qsort(n->ranges, n->nranges, sizeof(*n->ranges), cmp_range);
+        if (r == 0)
+                r = index_ranges(n);
 out:
         xds_pbjson_message_free(&ipm->base);
         return r;
@@ -660,23 +792,19 @@ static void free_node(struct wp_match_node *n)
 {
         if (!n)
                 return;
-        /* ranges of one range_matcher share an on_match: free each nested node once */
-        for (size_t i = 0; i < n->nranges; i++) {
-                struct wp_match_node *child = n->ranges[i].om.node;
-
-                if (!child)
-                        continue;
-                for (size_t j = i; j < n->nranges; j++)
-                        if (n->ranges[j].om.node == child)
-                                n->ranges[j].om.node = NULL;
-                free_node(child);
-        }
+        /* ranges of one range_matcher share an on_match: its first range frees it */
+        for (size_t i = 0; i < n->nranges; i++)
+                if (n->ranges[i].owns)
+                        free_node(n->ranges[i].om.node);
         for (size_t i = 0; i < n->nkeys; i++) {
                 free_om(&n->keys[i].om, NULL, NULL);
                 wp_free(n->keys[i].key);
         }
         free_om(&n->no_match, NULL, NULL);
         wp_free(n->ranges);
+        wp_free(n->xslots);
+        wp_free(n->xnext);
+        wp_free(n->inexact);
         wp_free(n->keys);
         wp_free(n);
 }
@@ -716,8 +844,23 @@ static const struct wp_chain *eval_node(const struct wp_match_node *n, const str
 
         switch (n->input) {
         case IN_DST_IP:
-                for (size_t i = 0; i < n->nranges; i++) {
-                        const struct ip_range *r = &n->ranges[i];
+                /* the ranges holding exactly this address (longest), then the others, in order */
+                if (n->xcap) {
+                        size_t mask = n->xcap - 1, j = addr_hash(c->family, c->ip) & mask;
+                        uint32_t k;
+
+                        while ((k = n->xslots[j]) && !addr_eq(&n->ranges[k - 1], c->family, c->ip))
+                                j = (j + 1) & mask;
+                        for (; k; k = n->xnext[k - 1]) {
+                                const struct ip_range *r = &n->ranges[k - 1];
+
+                                ch = eval_om(&r->om, c);
+                                if (ch || r->exclusive)
+                                        return ch ? ch : (n->has_no_match ? eval_om(&n->no_match, c) : NULL);
+                        }
+                }
+                for (size_t i = 0; i < n->ninexact; i++) {
+                        const struct ip_range *r = &n->ranges[n->inexact[i]];
 
                         if (r->family != c->family || !prefix_eq(r->addr, c->ip, r->plen))
                                 continue;
@@ -769,7 +912,19 @@ const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const str
         } else {
                 return NULL;
         }
-        snprintf(c.port, sizeof(c.port), "%u", port);
+        {
+                /* the port as the exact map's decimal key (snprintf costs more than the match) */
+                char tmp[8];
+                size_t n = 0, k = 0;
+
+                do {
+                        tmp[n++] = (char)('0' + port % 10);
+                        port /= 10;
+                } while (port);
+                while (n)
+                        c.port[k++] = tmp[--n];
+                c.port[k] = 0;
+        }
         return eval_node(s->matcher, &c);
 }
 
@@ -895,6 +1050,11 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 }
         }
         s->nclusters = k;
+        r = map_init(&b.clusters, s->nclusters);
+        if (r < 0)
+                goto err;
+        for (size_t i = 0; i < s->nclusters; i++)
+                map_put(&b.clusters, s->clusters[i].name, i); /* names are unique (resources) */
 
         /* main_internal */
         mi = (const Envoy__Config__Listener__V3__Listener *)xds_resources_find(res, XDS_RES_LISTENER,
@@ -904,7 +1064,7 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 goto err;
         }
         s->chains = mi->n_filter_chains ? wp_calloc(mi->n_filter_chains, sizeof(*s->chains)) : NULL;
-        if (mi->n_filter_chains && !s->chains) {
+        if ((mi->n_filter_chains && !s->chains) || map_init(&b.chains, mi->n_filter_chains) < 0) {
                 r = -ENOMEM;
                 goto err;
         }
@@ -913,12 +1073,11 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 r = compile_chain(&b, i, mi->filter_chains[i], &s->chains[i]);
                 if (r < 0)
                         goto err;
-                for (size_t j = 0; j < i; j++)
-                        if (!strcmp(s->chains[j].name, s->chains[i].name)) {
-                                r = fail(&b, "Listener main_internal: filter_chains[%zu].name: duplicate '%s'",
-                                         i, s->chains[i].name);
-                                goto err;
-                        }
+                if (map_put(&b.chains, s->chains[i].name, i) != i) {
+                        r = fail(&b, "Listener main_internal: filter_chains[%zu].name: duplicate '%s'",
+                                 i, s->chains[i].name);
+                        goto err;
+                }
         }
         if (!mi->filter_chain_matcher) {
                 r = fail(&b, "Listener main_internal: filter_chain_matcher: missing");
@@ -930,6 +1089,8 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
         s->terminate_digest = listener_digest(xds_resources_find(res, XDS_RES_LISTENER,
                                                                  "connect_terminate"));
         s->res = res;
+        wp_free(b.clusters.slots);
+        wp_free(b.chains.slots);
         *ret = s;
         return 0;
 
@@ -937,6 +1098,8 @@ err:
         if (r == -ENOMEM && !b.err)
                 b.err = wp_strdup("out of memory");
         s->res = NULL; /* on failure the caller keeps res */
+        wp_free(b.clusters.slots);
+        wp_free(b.chains.slots);
         snapshot_free(s);
         if (reterr_desc)
                 *reterr_desc = b.err;

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -89,13 +90,108 @@ static const struct xds_resource_list *list_const(const struct xds_resources *re
         return xds_resources_list((struct xds_resources *)res, t);
 }
 
+/*
+ * Name index, one per type: open addressing over item positions, so that the duplicate check of
+ * xds_resources_add and xds_resources_find are O(1) rather than a scan (a snapshot of thousands
+ * of clusters made both quadratic). It lives beside the public struct (allocated together by
+ * xds_resources_new) because struct xds_resource_list is public: code outside this file may
+ * empty a list (ads.c resets its scratch set with l->n = 0), so the index records how many items
+ * it covers and is rebuilt when that no longer matches, and every hit is confirmed by comparing
+ * the name. Without an index (its allocation failed) lookups fall back to the scan.
+ */
+struct name_index {
+        uint32_t *slots; /* item position + 1; 0 = empty. cap is a power of two */
+        size_t cap;
+        size_t covered; /* the list's n when the index was last in step */
+};
+
+struct resources_impl {
+        struct xds_resources pub; /* first: the pointer handed out */
+        struct name_index idx[_XDS_RES_TYPE_MAX];
+};
+
+static struct name_index *index_of(const struct xds_resources *res, enum xds_resource_type t)
+{
+        return &((struct resources_impl *)(void *)res)->idx[t];
+}
+
+static uint32_t name_hash(const char *s)
+{
+        uint32_t h = 2166136261u;
+
+        for (; *s; s++)
+                h = (h ^ (uint8_t)*s) * 16777619u;
+        return h ^ (h >> 15);
+}
+
+static void index_insert(struct name_index *ix, const struct xds_resource_list *l, size_t pos)
+{
+        size_t mask = ix->cap - 1, i = name_hash(l->items[pos].name) & mask;
+
+        while (ix->slots[i])
+                i = (i + 1) & mask;
+        ix->slots[i] = (uint32_t)pos + 1;
+}
+
+/* Brings the index of list l in step for l->n + more items. Returns false when there is no
+ * index (allocation failed): callers scan instead. */
+static bool index_sync(struct name_index *ix, const struct xds_resource_list *l, size_t more)
+{
+        size_t want = l->n + more, cap;
+        uint32_t *slots;
+
+        if (ix->slots && ix->covered == l->n && want * 2 <= ix->cap)
+                return true;
+        cap = ix->cap ? ix->cap : 16;
+        while (cap < want * 2)
+                cap *= 2;
+        if (cap != ix->cap || !ix->slots) {
+                slots = wp_calloc(cap, sizeof(*slots));
+                if (!slots) {
+                        wp_free(ix->slots);
+                        *ix = (struct name_index){0};
+                        return false;
+                }
+                wp_free(ix->slots);
+                ix->slots = slots;
+                ix->cap = cap;
+        } else {
+                memset(ix->slots, 0, cap * sizeof(*ix->slots));
+        }
+        for (size_t i = 0; i < l->n; i++)
+                index_insert(ix, l, i);
+        ix->covered = l->n;
+        return true;
+}
+
+/* Position of name in l, or -1. */
+static ssize_t list_find(const struct name_index *ix, const struct xds_resource_list *l,
+                         const char *name)
+{
+        if (ix->slots && ix->covered == l->n) {
+                size_t mask = ix->cap - 1, i = name_hash(name) & mask;
+
+                for (; ix->slots[i]; i = (i + 1) & mask) {
+                        size_t pos = ix->slots[i] - 1;
+
+                        if (strcmp(l->items[pos].name, name) == 0)
+                                return (ssize_t)pos;
+                }
+                return -1;
+        }
+        for (size_t i = 0; i < l->n; i++)
+                if (strcmp(l->items[i].name, name) == 0)
+                        return (ssize_t)i;
+        return -1;
+}
+
 int xds_resources_new(struct xds_resources **ret)
 {
-        struct xds_resources *res = wp_calloc(1, sizeof(*res));
+        struct resources_impl *ri = wp_calloc(1, sizeof(*ri));
 
-        if (!res)
+        if (!ri)
                 return -ENOMEM;
-        *ret = res;
+        *ret = &ri->pub;
         return 0;
 }
 
@@ -112,6 +208,7 @@ struct xds_resources *xds_resources_free(struct xds_resources *res)
                         xds_pbjson_message_free(l->items[i].msg);
                 }
                 wp_free(l->items);
+                wp_free(index_of(res, (enum xds_resource_type)t)->slots);
         }
         wp_free(res->node_id);
         wp_free(res);
@@ -164,6 +261,8 @@ int xds_resources_add(struct xds_resources *res, const char *type_url, const cha
 {
         enum xds_resource_type t = xds_resource_type_from_url(type_url);
         struct xds_resource_list *l;
+        struct name_index *ix;
+        bool indexed;
         char buf[1024];
         const char *own;
         char *dup;
@@ -184,10 +283,11 @@ int xds_resources_add(struct xds_resources *res, const char *type_url, const cha
         if (total(res) >= XDS_RESOURCES_MAX)
                 return rfail(reterr_desc, -E2BIG, "more than %d resources", XDS_RESOURCES_MAX);
         l = xds_resources_list(res, t);
-        for (size_t i = 0; i < l->n; i++)
-                if (strcmp(l->items[i].name, own) == 0)
-                        return rfail(reterr_desc, -EINVAL, "duplicate %s resource \"%s\"",
-                                     types[t].desc->short_name, own);
+        ix = index_of(res, t);
+        indexed = index_sync(ix, l, 1);
+        if (list_find(ix, l, own) >= 0)
+                return rfail(reterr_desc, -EINVAL, "duplicate %s resource \"%s\"",
+                             types[t].desc->short_name, own);
         if (l->n == l->cap) {
                 size_t cap = l->cap ? l->cap * 2 : 8;
                 struct xds_resource *items = wp_realloc(l->items, cap * sizeof(*items));
@@ -202,6 +302,10 @@ int xds_resources_add(struct xds_resources *res, const char *type_url, const cha
         l->items[l->n].name = dup;
         l->items[l->n].msg = msg;
         l->n++;
+        if (indexed) {
+                index_insert(ix, l, l->n - 1);
+                ix->covered = l->n;
+        }
         return 0;
 }
 
@@ -228,13 +332,12 @@ ProtobufCMessage *xds_resources_find(const struct xds_resources *res, enum xds_r
                                      const char *name)
 {
         const struct xds_resource_list *l = list_const(res, t);
+        ssize_t pos;
 
         if (!l || !name)
                 return NULL;
-        for (size_t i = 0; i < l->n; i++)
-                if (strcmp(l->items[i].name, name) == 0)
-                        return l->items[i].msg;
-        return NULL;
+        pos = list_find(index_of(res, t), l, name);
+        return pos < 0 ? NULL : l->items[pos].msg;
 }
 
 /* Shape (a): "resources": {"<type URL>": {"<name>": {...}}}. */
