@@ -37,6 +37,7 @@ struct wp_options {
         uint32_t pool_idle_ms;
         uint32_t drain_ms;
         struct hbone_limits lim;
+        const char *node_id, *service_cluster; /* from the bootstrap (istiod mode) or NULL */
 };
 
 /* Counters: written by one worker thread (relaxed stores), summed by the admin thread. */
@@ -69,6 +70,10 @@ struct wp_runtime {
         struct wp_tls_ctx *server_tls, *client_tls; /* guarded by snap_lock */
         _Atomic bool draining;
         _Atomic bool ready;
+        /* admin /drain_listeners: workers stop accepting and GOAWAY their downstream
+         * connections (tunnels in flight go on); unlike `draining`, the process stays up */
+        _Atomic bool listeners_stopped;
+        _Atomic int64_t snap_published_ms; /* wall clock of the last publish (config_dump) */
         enum wp_io_backend backend; /* what the workers run on */
         const char *backend_note;   /* why (fallback reason), static */
         struct wp_worker **workers;

@@ -152,6 +152,9 @@ static const struct option long_opts[] = {
         {"serviceCluster", required_argument, NULL, OPT_IGNORED},
         {"proxyLogLevel", required_argument, NULL, OPT_IGNORED},
         {"proxyComponentLogLevel", required_argument, NULL, OPT_IGNORED},
+        {"log_output_level", required_argument, NULL, OPT_IGNORED},
+        {"log_as_json", no_argument, NULL, OPT_IGNORED},
+        {"outlierLogPath", required_argument, NULL, OPT_IGNORED},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
 };
@@ -432,6 +435,8 @@ int main(int argc, char **argv)
                         wp_error("main", "%s", err);
                         return 1;
                 }
+                o->node_id = bs.node_id;
+                o->service_cluster = bs.node_cluster;
                 if (!static_config && !o->status_addr.set)
                         wp_addr_parse("0.0.0.0:15021", &o->status_addr);
         }

@@ -1,5 +1,6 @@
 /* The runtime shared by the control thread, the admin thread and the workers. */
 #include <stdatomic.h>
+#include <time.h>
 
 #include "waypoint/base/tls.h"
 #include "waypoint/daemon.h"
@@ -8,7 +9,10 @@
 void wp_runtime_publish(struct wp_runtime *rt, struct wp_snapshot *s)
 {
         struct wp_snapshot *old;
+        struct timespec ts;
 
+        clock_gettime(CLOCK_REALTIME, &ts);
+        atomic_store(&rt->snap_published_ms, (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
         pthread_mutex_lock(&rt->snap_lock);
         old = rt->current;
         rt->current = s;

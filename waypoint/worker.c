@@ -118,6 +118,7 @@ struct wp_worker {
         struct wp_tls_ctx *server_tls, *client_tls;
         bool draining;
         bool stop;
+        bool listeners_stopped; /* admin /drain_listeners seen */
         uint64_t drain_deadline;
         struct list downstreams;
         struct list upstreams;
@@ -559,7 +560,7 @@ static void downstream_established(struct hbone_conn *c, void *user)
         format_peer(hbone_conn_peer_addr(c), peer, sizeof(peer));
         wp_debug("downstream", "[C%lu] %s: established, peer identity %s", (unsigned long)d->id,
                  peer, hbone_conn_peer_uri(c));
-        if (d->w->draining)
+        if (d->w->draining || d->w->listeners_stopped)
                 hbone_conn_drain(c);
 }
 
@@ -590,7 +591,7 @@ static const struct hbone_conn_ops downstream_ops = {
 
 static void arm_accept(struct wp_worker *w)
 {
-        if (w->listen_fd >= 0 && !w->draining)
+        if (w->listen_fd >= 0 && !w->draining && !w->listeners_stopped)
                 wp_loop_accept(w->loop, &w->accept_op, w->listen_fd);
 }
 
@@ -611,7 +612,7 @@ static void on_accept(struct wp_op *op, int res)
                 arm_accept(w);
                 return;
         }
-        if (w->draining || !w->server_tls) {
+        if (w->draining || w->listeners_stopped || !w->server_tls) {
                 close(res);
                 return;
         }
@@ -713,6 +714,25 @@ static void close_everything(struct wp_worker *w)
         }
 }
 
+/* admin /drain_listeners: no new connections (the listener closes once the accept op is
+ * back, so connects are refused rather than queued), GOAWAY on the downstream ones; their
+ * tunnels go on. Unlike start_drain nothing is forced closed and the worker keeps running. */
+static void stop_listeners(struct wp_worker *w)
+{
+        struct list *it;
+
+        if (!w->listeners_stopped) {
+                w->listeners_stopped = true;
+                wp_loop_cancel(w->loop, &w->accept_op);
+                for (it = w->downstreams.next; it != &w->downstreams; it = it->next)
+                        hbone_conn_drain(container_of(it, struct downstream, link)->conn);
+        }
+        if (w->listen_fd >= 0 && !wp_op_inflight(&w->accept_op)) {
+                close(w->listen_fd);
+                w->listen_fd = -1;
+        }
+}
+
 static void on_wake(void *arg)
 {
         (void)arg;
@@ -727,6 +747,8 @@ static void *worker_main(void *arg)
         arm_accept(w);
         for (;;) {
                 refresh_snapshot(w);
+                if (atomic_load(&rt->listeners_stopped) && w->listen_fd >= 0)
+                        stop_listeners(w);
                 if (atomic_load(&rt->draining) && !w->draining)
                         start_drain(w);
                 if (w->draining) {
