@@ -22,6 +22,21 @@ class TunnelTest(WaypointTestCase):
         self.assertIsInstance(info.get('concurrency'), int, info)
         self.assertGreaterEqual(info['concurrency'], 1)
 
+    async def test_auto_backend_falls_back_to_epoll_when_io_uring_is_blocked(self):
+        # WP_IO_URING_DISABLE=1 makes io_uring_setup look blocked (as under a seccomp profile)
+        os.environ['WP_IO_URING_DISABLE'] = '1'
+        try:
+            wp = self.extra_waypoint(['--io-backend', 'auto'])
+        finally:
+            del os.environ['WP_IO_URING_DISABLE']
+        info = wp.server_info()
+        self.assertEqual(info.get('io_backend'), 'epoll', info)
+        note = info.get('io_backend_note', '')
+        self.assertIn('io_uring', note, info)
+        self.assertEqual(wp.log_text().count(note), 1, wp.tail())  # logged once
+        c = await self.wp_client(wp)
+        await self.echo_roundtrip(c, 'echo')
+
     async def test_waypoint_presents_its_identity_over_tls13_h2(self):
         c = await self.wp_client()
         self.assertEqual(c.ep.tls_version, 'TLSv1.3')
