@@ -58,6 +58,7 @@
 #include "waypoint/base/log.h"
 #include "waypoint/base/time.h"
 #include "waypoint/daemon.h"
+#include "waypoint/metrics.h"
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
@@ -94,7 +95,7 @@ struct client {
 struct admin {
         struct wp_runtime *rt;
         int fd;
-        bool full;
+        enum wp_admin_kind kind;
         struct client *clients[CLIENTS_MAX];
 };
 
@@ -768,29 +769,46 @@ static void on_quit(struct admin *a, struct client *c, struct request *rq)
 static void on_help(struct admin *a, struct client *c, struct request *rq);
 
 enum { M_GET = 1, M_POST = 2 }; /* M_GET includes HEAD */
+#define K_FULL (1u << WP_ADMIN_FULL)
+#define K_ALL ((1u << WP_ADMIN_FULL) | (1u << WP_ADMIN_STATUS) | (1u << WP_ADMIN_METRICS))
+#define K_PROM ((1u << WP_ADMIN_FULL) | (1u << WP_ADMIN_METRICS) | (1u << WP_ADMIN_PROMETHEUS))
+
+/* /stats/prometheus: Istio's standard metrics, merged over the workers' shards. */
+static void on_prometheus(struct admin *a, struct client *c, struct request *rq)
+{
+        struct wp_metrics_text t = {0};
+
+        if (!a->rt->metrics || wp_metrics_render_text(a->rt->metrics, &t) < 0) {
+                wp_metrics_text_done(&t);
+                respond_text(c, rq, 503, "metrics unavailable\n");
+                return;
+        }
+        respond_owned(c, rq, 200, "text/plain; version=0.0.4; charset=utf-8", t.data, t.len);
+}
 
 static const struct route {
         const char *path;
         unsigned methods;
-        bool status_port; /* also on the status listener */
+        unsigned kinds; /* listeners serving it: 1 << enum wp_admin_kind */
         void (*fn)(struct admin *a, struct client *c, struct request *rq);
         const char *help;
 } routes[] = {
-    {"/ready", M_GET, true, on_ready, "200 LIVE when serving, else 503 and the state"},
-    {"/healthz/ready", M_GET, true, on_ready, "same as /ready"},
-    {"/", M_GET, false, on_help, "this list"},
-    {"/server_info", M_GET, false, on_server_info, "version, state, options, node, uptime"},
-    {"/stats", M_GET, false, on_stats, "counters; ?format=json, ?filter=<regex>"},
-    {"/config_dump", M_GET, false, on_config_dump,
+    {"/ready", M_GET, K_ALL, on_ready, "200 LIVE when serving, else 503 and the state"},
+    {"/healthz/ready", M_GET, K_ALL, on_ready, "same as /ready"},
+    {"/", M_GET, K_FULL, on_help, "this list"},
+    {"/server_info", M_GET, K_FULL, on_server_info, "version, state, options, node, uptime"},
+    {"/stats/prometheus", M_GET, K_PROM, on_prometheus, "Istio standard metrics (Prometheus)"},
+    {"/stats", M_GET, K_FULL, on_stats, "counters; ?format=json, ?filter=<regex>"},
+    {"/config_dump", M_GET, K_FULL, on_config_dump,
      "Envoy ConfigDump JSON; ?include_eds, ?include_addresses, ?resource=, ?mask="},
-    {"/clusters", M_GET, false, on_clusters, "endpoints with health; ?format=json"},
-    {"/listeners", M_GET, false, on_listeners, "listener names and addresses; ?format=json"},
-    {"/logging", M_GET | M_POST, false, on_logging, "log level; ?level=<level> sets it"},
-    {"/drain_listeners", M_POST, false, on_drain_listeners,
+    {"/clusters", M_GET, K_FULL, on_clusters, "endpoints with health; ?format=json"},
+    {"/listeners", M_GET, K_FULL, on_listeners, "listener names and addresses; ?format=json"},
+    {"/logging", M_GET | M_POST, K_FULL, on_logging, "log level; ?level=<level> sets it"},
+    {"/drain_listeners", M_POST, K_FULL, on_drain_listeners,
      "stop accepting, GOAWAY existing connections"},
-    {"/healthcheck/fail", M_POST, false, on_healthcheck, "readiness 503 until /healthcheck/ok"},
-    {"/healthcheck/ok", M_POST, false, on_healthcheck, "undo /healthcheck/fail"},
-    {"/quitquitquit", M_POST, false, on_quit, "drain and exit, like SIGTERM"},
+    {"/healthcheck/fail", M_POST, K_FULL, on_healthcheck, "readiness 503 until /healthcheck/ok"},
+    {"/healthcheck/ok", M_POST, K_FULL, on_healthcheck, "undo /healthcheck/fail"},
+    {"/quitquitquit", M_POST, K_FULL, on_quit, "drain and exit, like SIGTERM"},
 };
 
 #define NROUTES (sizeof(routes) / sizeof(routes[0]))
@@ -832,7 +850,7 @@ static void dispatch(struct admin *a, struct client *c, struct request *rq)
         for (size_t i = 0; i < NROUTES; i++) {
                 const struct route *r = &routes[i];
 
-                if (strcmp(r->path, rq->path) || (!a->full && !r->status_port))
+                if (strcmp(r->path, rq->path) || !(r->kinds & (1u << a->kind)))
                         continue;
                 if (!(r->methods & m)) {
                         const char *allow = r->methods == M_POST  ? "POST"
@@ -1092,14 +1110,14 @@ static void *admin_main(void *arg)
         return NULL;
 }
 
-int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, bool full_admin)
+int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, enum wp_admin_kind kind)
 {
         struct admin *a = wp_xcalloc(1, sizeof(*a));
         pthread_t th;
         int one = 1, r;
 
         a->rt = rt;
-        a->full = full_admin;
+        a->kind = kind;
         a->fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (a->fd < 0)
                 goto err;
@@ -1113,7 +1131,8 @@ int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, bool full_
         return 0;
 err:
         r = -errno;
-        wp_error("admin", "cannot serve on the %s address: %s", full_admin ? "admin" : "status",
+        wp_error("admin", "cannot serve on the %s address: %s",
+                 kind == WP_ADMIN_FULL ? "admin" : kind == WP_ADMIN_STATUS ? "status" : "metrics",
                  strerror(errno));
         if (a->fd >= 0)
                 close(a->fd);

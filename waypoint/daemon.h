@@ -17,6 +17,7 @@
 
 struct wp_snapshot;
 struct wp_worker;
+struct wp_metrics;
 
 struct wp_addr {
         struct sockaddr_storage ss;
@@ -29,13 +30,17 @@ struct wp_options {
         const char *cert_file, *key_file, *root_cert;
         const char *trust_domain;
         struct wp_addr hbone_addr, admin_addr, status_addr;
+        struct wp_addr metrics_addr, prometheus_addr; /* 15020 (merged), 15090 (Envoy's) */
+        uint32_t max_metric_series;
         unsigned concurrency;
         enum wp_io_backend io_backend;
         uint16_t upstream_hbone_port; /* 0: from connect_originate (15008) */
         uint32_t connect_timeout_ms;  /* 0: from the cluster */
         uint32_t handshake_timeout_ms;
         uint32_t pool_idle_ms;
-        uint32_t drain_ms;
+        uint32_t drain_ms;     /* terminationDrainDuration */
+        uint32_t min_drain_ms; /* MINIMUM_DRAIN_DURATION: never exit before this */
+        bool exit_on_zero;     /* EXIT_ON_ZERO_ACTIVE_CONNECTIONS: exit once idle */
         struct hbone_limits lim;
         const char *node_id, *service_cluster; /* from the bootstrap (istiod mode) or NULL */
 };
@@ -78,6 +83,7 @@ struct wp_runtime {
         const char *backend_note;   /* why (fallback reason), static */
         struct wp_worker **workers;
         unsigned nworkers;
+        struct wp_metrics *metrics; /* Istio standard metrics, one shard per worker */
         int64_t start_time;
 };
 
@@ -97,7 +103,10 @@ void wp_worker_free(struct wp_worker *w);
 uint64_t wp_worker_counter(const struct wp_worker *w, enum wp_counter c);
 
 /* admin.c: blocking HTTP/1.1 admin server on its own thread. */
-int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, bool full_admin);
+/* What an admin listener serves: the full admin (15000), /healthz/ready (15021), merged
+ * Prometheus metrics + /healthz/ready (15020), or Prometheus metrics (15090). */
+enum wp_admin_kind { WP_ADMIN_FULL, WP_ADMIN_STATUS, WP_ADMIN_METRICS, WP_ADMIN_PROMETHEUS };
+int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, enum wp_admin_kind kind);
 
 /* Parses "ip:port" / "[v6]:port" into a. Returns 0 or -EINVAL. */
 int wp_addr_parse(const char *s, struct wp_addr *a);

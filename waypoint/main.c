@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include "waypoint/bootstrap.h"
 #include "waypoint/control.h"
 #include "waypoint/daemon.h"
+#include "waypoint/metrics.h"
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
@@ -41,6 +43,9 @@ static void usage(FILE *f)
               "  --hbone-address IP:PORT     HBONE listener (0.0.0.0:15008)\n"
               "  --admin-address IP:PORT     admin (127.0.0.1:15000)\n"
               "  --status-address IP:PORT    /healthz/ready (0.0.0.0:15021)\n"
+              "  --metrics-address IP:PORT   merged Prometheus metrics + /healthz/ready (15020)\n"
+              "  --prometheus-address IP:PORT Prometheus metrics, Envoy's port (15090)\n"
+              "  --max-metric-series N       label sets kept per metric family (10000)\n"
               "  --concurrency N             worker threads (available CPUs)\n"
               "  --io-backend uring|epoll|auto\n"
               "  --log-level LEVEL           trace|debug|info|warn|error|off\n"
@@ -67,6 +72,50 @@ static void usage(FILE *f)
               f);
 }
 
+/* "5s", "1.5s", "300ms", "2m" (a Go/protobuf duration) into milliseconds; -EINVAL. */
+static int parse_duration_ms(const char *s, uint32_t *ret)
+{
+        char *end;
+        double v = strtod(s, &end);
+
+        if (end == s || v < 0)
+                return -EINVAL;
+        if (!strcmp(end, "ms"))
+                ;
+        else if (!strcmp(end, "s") || !*end)
+                v *= 1000;
+        else if (!strcmp(end, "m"))
+                v *= 60000;
+        else
+                return -EINVAL;
+        if (v > 86400000)
+                return -EINVAL;
+        *ret = (uint32_t)v;
+        return 0;
+}
+
+/* The drain knobs of the stock template: PROXY_CONFIG terminationDrainDuration,
+ * MINIMUM_DRAIN_DURATION and EXIT_ON_ZERO_ACTIVE_CONNECTIONS (pilot-agent's). Our default
+ * leaves as soon as nothing is open; an explicit EXIT_ON_ZERO_ACTIVE_CONNECTIONS=false stays
+ * for the whole drain duration as pilot-agent does. Flags given later override these. */
+static void drain_from_env(struct wp_options *o)
+{
+        const char *v = getenv("PROXY_CONFIG"), *p;
+        uint32_t ms;
+
+        if (v && (p = strstr(v, "\"terminationDrainDuration\""))) {
+                char buf[32];
+
+                p = strchr(p + 26, '"');
+                if (p && sscanf(p + 1, "%31[^\"]", buf) == 1 && parse_duration_ms(buf, &ms) == 0)
+                        o->drain_ms = ms;
+        }
+        if ((v = getenv("MINIMUM_DRAIN_DURATION")) && parse_duration_ms(v, &ms) == 0)
+                o->min_drain_ms = ms;
+        if ((v = getenv("EXIT_ON_ZERO_ACTIVE_CONNECTIONS")))
+                o->exit_on_zero = strcasecmp(v, "false") != 0;
+}
+
 static int parse_u32(const char *s, uint32_t min, uint32_t max, uint32_t *ret)
 {
         char *end;
@@ -89,6 +138,9 @@ enum {
         OPT_HBONE,
         OPT_ADMIN,
         OPT_STATUS,
+        OPT_METRICS,
+        OPT_PROM,
+        OPT_MAXSERIES,
         OPT_CONC,
         OPT_BACKEND,
         OPT_LOG,
@@ -124,6 +176,9 @@ static const struct option long_opts[] = {
         {"hbone-address", required_argument, NULL, OPT_HBONE},
         {"admin-address", required_argument, NULL, OPT_ADMIN},
         {"status-address", required_argument, NULL, OPT_STATUS},
+        {"metrics-address", required_argument, NULL, OPT_METRICS},
+        {"prometheus-address", required_argument, NULL, OPT_PROM},
+        {"max-metric-series", required_argument, NULL, OPT_MAXSERIES},
         {"concurrency", required_argument, NULL, OPT_CONC},
         {"io-backend", required_argument, NULL, OPT_BACKEND},
         {"log-level", required_argument, NULL, OPT_LOG},
@@ -185,16 +240,24 @@ static int parse_args(int argc, char **argv, struct wp_options *o)
                         break;
                 case OPT_HBONE:
                 case OPT_ADMIN:
-                case OPT_STATUS: {
-                        struct wp_addr *a = c == OPT_HBONE   ? &o->hbone_addr
-                                            : c == OPT_ADMIN ? &o->admin_addr
-                                                             : &o->status_addr;
+                case OPT_STATUS:
+                case OPT_METRICS:
+                case OPT_PROM: {
+                        struct wp_addr *a = c == OPT_HBONE     ? &o->hbone_addr
+                                            : c == OPT_ADMIN   ? &o->admin_addr
+                                            : c == OPT_STATUS  ? &o->status_addr
+                                            : c == OPT_METRICS ? &o->metrics_addr
+                                                               : &o->prometheus_addr;
                         if (wp_addr_parse(optarg, a) < 0) {
                                 fprintf(stderr, "invalid address: %s\n", optarg);
                                 return -EINVAL;
                         }
                         break;
                 }
+                case OPT_MAXSERIES:
+                        if (parse_u32(optarg, 1, 1u << 24, &o->max_metric_series) < 0)
+                                goto bad;
+                        break;
                 case OPT_CONC:
                         if (parse_u32(optarg, 1, 1024, &v) < 0)
                                 goto bad;
@@ -406,6 +469,8 @@ int main(int argc, char **argv)
         o->handshake_timeout_ms = 10000;
         o->pool_idle_ms = 300000;
         o->drain_ms = 5000;
+        o->exit_on_zero = true;
+        drain_from_env(o);
         wp_addr_parse("0.0.0.0:15008", &o->hbone_addr);
         wp_addr_parse("127.0.0.1:15000", &o->admin_addr);
         wp_addr_parse("0.0.0.0:15021", &o->status_addr);
@@ -439,8 +504,24 @@ int main(int argc, char **argv)
                 o->service_cluster = bs.node_cluster;
                 if (!static_config && !o->status_addr.set)
                         wp_addr_parse("0.0.0.0:15021", &o->status_addr);
+                /* in a pod (config from istiod) the metrics ports are the pod's contract */
+                if (!static_config && !o->metrics_addr.set)
+                        wp_addr_parse("0.0.0.0:15020", &o->metrics_addr);
+                if (!static_config && !o->prometheus_addr.set)
+                        wp_addr_parse("0.0.0.0:15090", &o->prometheus_addr);
         }
 
+        struct wp_metrics_config mc = {
+                .n_shards = o->concurrency,
+                .max_series = o->max_metric_series,
+                .istio_version = bs.istio_version,
+                .local_namespace = bs.pod_namespace,
+                .local_cluster = bs.cluster_id,
+        };
+        if (wp_metrics_new(&mc, &rt.metrics) < 0) {
+                wp_error("main", "cannot create the metrics registry");
+                return 1;
+        }
         rt.workers = wp_xcalloc(o->concurrency, sizeof(*rt.workers));
         for (unsigned i = 0; i < o->concurrency; i++) {
                 const char *err = NULL;
@@ -457,8 +538,11 @@ int main(int argc, char **argv)
         wp_info("main", "%u workers on %s, HBONE on port %u", rt.nworkers,
                 wp_io_backend_name(rt.backend),
                 ntohs(((struct sockaddr_in *)&o->hbone_addr.ss)->sin_port));
-        if (wp_admin_start(&rt, &o->admin_addr, true) < 0 ||
-            (o->status_addr.set && wp_admin_start(&rt, &o->status_addr, false) < 0))
+        if (wp_admin_start(&rt, &o->admin_addr, WP_ADMIN_FULL) < 0 ||
+            (o->status_addr.set && wp_admin_start(&rt, &o->status_addr, WP_ADMIN_STATUS) < 0) ||
+            (o->metrics_addr.set && wp_admin_start(&rt, &o->metrics_addr, WP_ADMIN_METRICS) < 0) ||
+            (o->prometheus_addr.set &&
+             wp_admin_start(&rt, &o->prometheus_addr, WP_ADMIN_PROMETHEUS) < 0))
                 return 1;
         if (static_identity && static_config) {
                 atomic_store(&rt.ready, true);

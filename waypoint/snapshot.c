@@ -3,9 +3,11 @@
  *
  * What is read, as istiod generates it for a waypoint (ISTIO-CONTRACT §2.3-2.6):
  *  - Listener `main_internal`: filter_chain_matcher (xds.type.matcher.v3.Matcher) and its named
- *    filter chains. Chains with tcp_proxy are served; chains whose filters we do not implement
- *    yet (HTTP connection manager, network RBAC, ...) compile as "unsupported" so their tunnels
- *    are refused with 501 rather than passed without the policy they carry.
+ *    filter chains. Chains with tcp_proxy are served; http_connection_manager chains compile to
+ *    WP_CHAIN_HTTP (route table, HTTP filters through the filter registry, router last; see
+ *    compile_hcm); chains whose filters we do not implement yet (network RBAC, ...) compile as
+ *    "unsupported" so their tunnels are refused with 501 rather than passed without the policy
+ *    they carry.
  *  - Clusters: EDS (endpoints from the ClusterLoadAssignment named by eds_cluster_config or the
  *    cluster name), STATIC (inline load_assignment), ORIGINAL_DST `connect_originate` (upstream
  *    port override and connect timeout for HBONE upstreams).
@@ -22,9 +24,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
+#include "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.pb-c.h"
+#include "filters/filter.h"
 #include "hbone/hbone.h"
 #include "waypoint/base/alloc.h"
+#include "waypoint/lb.h"
+#include "waypoint/router.h"
+#include "waypoint/wds.h"
 #include "xds-client/pbjson.h"
 #include "xds-client/resources.h"
 
@@ -85,7 +93,7 @@ struct wp_match_node {
 };
 
 /* name -> index, for the build only (cluster and chain references by name) */
-struct name_map {
+struct wp_name_map {
         struct name_slot {
                 const char *name; /* borrowed; NULL = empty */
                 size_t idx;
@@ -96,7 +104,7 @@ struct name_map {
 struct build {
         struct xds_resources *res;
         struct wp_snapshot *s;
-        struct name_map clusters, chains;
+        struct wp_name_map clusters, chains;
         char *err;
 };
 
@@ -109,7 +117,7 @@ static uint32_t str_hash(const char *s)
         return h ^ (h >> 15);
 }
 
-static int map_init(struct name_map *m, size_t n)
+static int map_init(struct wp_name_map *m, size_t n)
 {
         size_t cap = 16;
 
@@ -123,7 +131,7 @@ static int map_init(struct name_map *m, size_t n)
 }
 
 /* Adds name -> idx (room reserved by map_init). Returns idx, or the index name already had. */
-static size_t map_put(struct name_map *m, const char *name, size_t idx)
+static size_t map_put(struct wp_name_map *m, const char *name, size_t idx)
 {
         size_t mask = m->cap - 1, i = str_hash(name) & mask;
 
@@ -136,7 +144,7 @@ static size_t map_put(struct name_map *m, const char *name, size_t idx)
 }
 
 /* The index of name, or SIZE_MAX. */
-static size_t map_get(const struct name_map *m, const char *name)
+static size_t map_get(const struct wp_name_map *m, const char *name)
 {
         size_t mask = m->cap - 1, i;
 
@@ -297,6 +305,57 @@ static const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *find_cla(struct
                 b->res, XDS_RES_CLA, name);
 }
 
+/* The per-request balancer of a cluster (Cluster.lb_policy; the proto subset carries no
+ * ring_hash/maglev/least_request configs, so their defaults apply). */
+static int compile_lb(struct build *b, const Envoy__Config__Cluster__V3__Cluster *pc,
+                      const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *cla,
+                      struct wp_cluster *c)
+{
+        struct wp_lb_config cfg;
+        struct wp_lb_endpoint *le = NULL;
+        const char *err = NULL;
+        int r;
+
+        wp_lb_config_init(&cfg);
+        switch (pc->lb_policy) {
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_POLICY__ROUND_ROBIN:
+                cfg.policy = WP_LB_ROUND_ROBIN;
+                break;
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_POLICY__LEAST_REQUEST:
+                cfg.policy = WP_LB_LEAST_REQUEST;
+                break;
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_POLICY__RANDOM:
+                cfg.policy = WP_LB_RANDOM;
+                break;
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_POLICY__RING_HASH:
+                cfg.policy = WP_LB_RING_HASH;
+                break;
+        case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_POLICY__MAGLEV:
+                cfg.policy = WP_LB_MAGLEV;
+                break;
+        default:
+                return fail(b, "Cluster %s: lb_policy: %d not supported", pc->name,
+                            (int)pc->lb_policy);
+        }
+        if (cla && cla->policy && cla->policy->overprovisioning_factor)
+                cfg.overprovisioning_factor = cla->policy->overprovisioning_factor->value;
+        if (c->neps) {
+                le = wp_calloc(c->neps, sizeof(*le));
+                if (!le)
+                        return -ENOMEM;
+        }
+        for (size_t i = 0; i < c->neps; i++)
+                le[i] = (struct wp_lb_endpoint){.key = c->eps[i].authority,
+                                                .weight = c->eps[i].weight,
+                                                .priority = c->eps[i].priority,
+                                                .healthy = c->eps[i].healthy};
+        r = wp_lb_new(&cfg, le, c->neps, &c->lb, &err);
+        wp_free(le);
+        if (r == -EINVAL)
+                return fail(b, "Cluster %s: lb_policy: %s", pc->name, err ? err : "invalid");
+        return r;
+}
+
 /* passthrough clusters (encap) are marked with neps == 0 and this sentinel */
 static char passthrough_mark;
 
@@ -347,7 +406,7 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
                 return 0;
         }
         if (!cla)
-                return 0;
+                return compile_lb(b, pc, NULL, c);
         for (size_t i = 0; i < cla->n_endpoints; i++)
                 n += cla->endpoints[i]->n_lb_endpoints;
         if (n > 100000)
@@ -391,10 +450,12 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
         if (passthrough && k == 0) {
                 wp_free(c->eps);
                 c->eps = (struct wp_endpoint *)&passthrough_mark;
+                c->passthrough = true;
+                return 0;
         } else if (passthrough) {
                 return fail(b, "Cluster %s: mixes passthrough and addressed endpoints", pc->name);
         }
-        return 0;
+        return compile_lb(b, pc, cla, c);
 }
 
 static struct wp_cluster *find_cluster(struct build *b, const char *name)
@@ -418,6 +479,251 @@ static bool is_optional_filter(const char *name)
                 if (!strcmp(name, optional[i]))
                         return true;
         return false;
+}
+
+/* ---- HTTP connection manager chains ---- */
+
+/* HTTP filters istiod always emits that change nothing we enforce (telemetry, peer metadata,
+ * filter-state plumbing): skipped. */
+static bool is_noop_http_filter(const char *name)
+{
+        static const char *const noop[] = {
+                "istio.stats",
+                "waypoint_downstream_peer_metadata",
+                "waypoint_upstream_peer_metadata",
+                "envoy.filters.http.grpc_stats",
+                "connect_authority",
+        };
+        for (size_t i = 0; i < sizeof(noop) / sizeof(noop[0]); i++)
+                if (!strcmp(name, noop[i]))
+                        return true;
+        return false;
+}
+
+/* Filters that are no-ops only while their base config and every per-route config are empty. */
+static bool is_empty_only_http_filter(const char *name)
+{
+        return !strcmp(name, "envoy.filters.http.fault") ||
+               !strcmp(name, "envoy.filters.http.cors");
+}
+
+struct perroute_check {
+        struct build *b;
+        const char *where; /* "Listener main_internal: filter_chains[i] (name).filters[j]" */
+        const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager *hcm;
+};
+
+/* typed_per_filter_config entries we would have to honour: fault/cors (not implemented) and
+ * per-route configs of the filters we enforce (RBACPerRoute: not implemented). Entries for
+ * filters that are not in the chain are ignored, as Envoy does. */
+static int check_perroute(struct wp_route_filter_config *fc, void *user)
+{
+        struct perroute_check *pc = user;
+
+        for (size_t i = 0; i < pc->hcm->n_http_filters; i++) {
+                const char *n = pc->hcm->http_filters[i]->name ? pc->hcm->http_filters[i]->name : "";
+
+                if (strcmp(n, fc->filter_name) != 0 || is_noop_http_filter(n))
+                        continue;
+                if (pc->hcm->http_filters[i]->disabled)
+                        continue;
+                return fail(pc->b, "%s.typed_config.route_config: typed_per_filter_config[%s] (%s): per-route filter configuration is not implemented",
+                            pc->where, fc->filter_name, fc->type_url ? fc->type_url : "?");
+        }
+        return 0;
+}
+
+static void http_conf_free(struct wp_http_conf *h)
+{
+        if (!h)
+                return;
+        for (size_t i = 0; i < h->nfilters; i++)
+                if (h->filters[i].ops->conf_free)
+                        h->filters[i].ops->conf_free(h->filters[i].conf);
+        wp_free(h->filters);
+        wp_route_table_free(h->routes);
+        wp_free(h);
+}
+
+/* Compiles one HTTP filter into h->filters (or skips it). */
+static int compile_http_filter(struct build *b, const char *where, size_t k,
+                               const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter *hf,
+                               struct wp_http_conf *h)
+{
+        const char *name = hf->name ? hf->name : "";
+        const struct flt_ops *ops;
+        const ProtobufCMessageDescriptor *desc;
+        ProtobufCMessage *msg = NULL;
+        const char *err = NULL;
+        bool heap = false;
+        void *conf = NULL;
+        int r;
+
+        if (is_noop_http_filter(name) || hf->disabled)
+                return 0;
+        if (is_empty_only_http_filter(name)) {
+                if (hf->config_type_case ==
+                            ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_FILTER__CONFIG_TYPE_TYPED_CONFIG &&
+                    hf->typed_config->value.len == 0)
+                        return 0;
+                if (hf->is_optional)
+                        return 0;
+                return fail(b, "%s.typed_config.http_filters[%zu] (%s): a non-empty configuration is not implemented",
+                            where, k, name);
+        }
+        ops = flt_registry_lookup(name);
+        if (!ops) {
+                if (hf->is_optional)
+                        return 0;
+                return fail(b, "%s.typed_config.http_filters[%zu] (%s): HTTP filter not implemented",
+                            where, k, name[0] ? name : "(unnamed)");
+        }
+        if (hf->config_type_case !=
+            ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_FILTER__CONFIG_TYPE_TYPED_CONFIG)
+                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: missing (config_discovery is not supported)",
+                            where, k, name);
+        if (!hf->typed_config->type_url || strcmp(hf->typed_config->type_url, ops->type_url) != 0)
+                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s', expected '%s'",
+                            where, k, name,
+                            hf->typed_config->type_url ? hf->typed_config->type_url : "", ops->type_url);
+        desc = xds_registry_lookup(ops->type_url);
+        if (!desc)
+                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s' unknown",
+                            where, k, name, ops->type_url);
+        r = xds_any_unpack(hf->typed_config, desc, &msg, &err);
+        if (r < 0)
+                return r == -ENOMEM ? r : fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: %s",
+                                               where, k, name, err ? err : "invalid");
+        err = NULL;
+        r = ops->conf_new(msg, &conf, &err, &heap);
+        xds_pbjson_message_free(msg);
+        if (r < 0) {
+                if (r != -ENOMEM || err)
+                        r = fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config.%s", where, k,
+                                 name, err ? err : "out of memory");
+                if (heap)
+                        wp_free((void *)err);
+                return r;
+        }
+        h->filters[h->nfilters].ops = ops;
+        h->filters[h->nfilters].conf = conf;
+        h->nfilters++;
+        return 0;
+}
+
+/* Compiles an http_connection_manager (typed_config of filter fi of chain idx) into ch. */
+static int compile_hcm(struct build *b, size_t idx, size_t fi,
+                       const Envoy__Config__Listener__V3__Filter *f, struct wp_chain *ch)
+{
+        Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager *hcm = NULL;
+        const Envoy__Config__Route__V3__RouteConfiguration *rc = NULL;
+        struct wp_http_conf *h = NULL;
+        struct perroute_check prc;
+        char where[320];
+        const char *err = NULL;
+        bool router = false;
+        int r;
+
+        snprintf(where, sizeof(where), "Listener main_internal: filter_chains[%zu] (%s).filters[%zu]",
+                 idx, ch->name, fi);
+        if (f->config_type_case != ENVOY__CONFIG__LISTENER__V3__FILTER__CONFIG_TYPE_TYPED_CONFIG)
+                return fail(b, "%s.typed_config: missing", where);
+        r = xds_any_unpack(f->typed_config,
+                           &envoy__extensions__filters__network__http_connection_manager__v3__http_connection_manager__descriptor,
+                           (ProtobufCMessage **)&hcm, &err);
+        if (r < 0)
+                return r == -ENOMEM ? r : fail(b, "%s.typed_config: %s", where,
+                                               err ? err : "invalid HttpConnectionManager");
+        if (hcm->codec_type == ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__CODEC_TYPE__HTTP3) {
+                r = fail(b, "%s.typed_config.codec_type: HTTP3 is not supported", where);
+                goto out;
+        }
+        h = wp_calloc(1, sizeof(*h));
+        if (!h || (hcm->n_http_filters &&
+                   !(h->filters = wp_calloc(hcm->n_http_filters, sizeof(*h->filters))))) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (size_t k = 0; k < hcm->n_http_filters; k++) {
+                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter *hf =
+                        hcm->http_filters[k];
+                const char *name = hf->name ? hf->name : "";
+
+                if (router) {
+                        r = fail(b, "%s.typed_config.http_filters[%zu] (%s): after the router (the router must be last)",
+                                 where, k, name);
+                        goto out;
+                }
+                if (!strcmp(name, "envoy.filters.http.router")) {
+                        router = true;
+                        continue;
+                }
+                r = compile_http_filter(b, where, k, hf, h);
+                if (r < 0)
+                        goto out;
+        }
+        if (!router) {
+                r = fail(b, "%s.typed_config.http_filters: no envoy.filters.http.router", where);
+                goto out;
+        }
+        for (size_t k = 0; k < hcm->n_upgrade_configs; k++) {
+                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager__UpgradeConfig *uc =
+                        hcm->upgrade_configs[k];
+
+                if (!uc->upgrade_type || strcasecmp(uc->upgrade_type, "websocket") != 0)
+                        continue; /* CONNECT and others: refused per request (403) */
+                if (uc->n_filters) {
+                        r = fail(b, "%s.typed_config.upgrade_configs[%zu].filters: not implemented",
+                                 where, k);
+                        goto out;
+                }
+                h->websocket = !uc->enabled || uc->enabled->value;
+        }
+        if (hcm->route_specifier_case ==
+            ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_ROUTE_CONFIG) {
+                rc = hcm->route_config;
+        } else if (hcm->route_specifier_case ==
+                   ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_RDS) {
+                const char *rn = hcm->rds->route_config_name ? hcm->rds->route_config_name : "";
+
+                rc = (const Envoy__Config__Route__V3__RouteConfiguration *)xds_resources_find(
+                        b->res, XDS_RES_ROUTE, rn);
+                if (!rc) {
+                        /* not received (yet): refuse the chain's tunnels rather than NACK */
+                        char tmp[300];
+
+                        snprintf(tmp, sizeof(tmp), "RouteConfiguration %s (rds, not received)", rn);
+                        ch->kind = WP_CHAIN_UNSUPPORTED;
+                        ch->unsupported = wp_strdup(tmp);
+                        r = ch->unsupported ? 0 : -ENOMEM;
+                        goto out;
+                }
+        } else {
+                r = fail(b, "%s.typed_config: neither route_config nor rds", where);
+                goto out;
+        }
+        err = NULL;
+        r = wp_route_table_new(rc, &h->routes, &err);
+        if (r < 0) {
+                if (r != -ENOMEM || err)
+                        r = fail(b, "%s.typed_config.%s%s: %s", where,
+                                 rc == hcm->route_config ? "route_config" : "rds RouteConfiguration ",
+                                 rc == hcm->route_config ? "" : (rc->name ? rc->name : ""),
+                                 err ? err : "out of memory");
+                goto out;
+        }
+        prc = (struct perroute_check){.b = b, .where = where, .hcm = hcm};
+        r = wp_route_table_foreach_filter_config(h->routes, check_perroute, &prc);
+        if (r < 0)
+                goto out;
+        ch->kind = WP_CHAIN_HTTP;
+        ch->http = h;
+        h = NULL;
+        r = 0;
+out:
+        http_conf_free(h);
+        xds_pbjson_message_free(&hcm->base);
+        return r;
 }
 
 static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Listener__V3__FilterChain *fc,
@@ -496,6 +802,13 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                         terminal = true;
                 } else if (is_optional_filter(name)) {
                         continue;
+                } else if (!strcmp(name, "envoy.filters.network.http_connection_manager") &&
+                           ch->kind != WP_CHAIN_UNSUPPORTED) {
+                        int r = compile_hcm(b, idx, i, f, ch);
+
+                        if (r < 0)
+                                return r;
+                        terminal = true;
                 } else {
                         /* http_connection_manager, rbac, ...: not implemented yet */
                         if (ch->kind != WP_CHAIN_UNSUPPORTED) {
@@ -995,15 +1308,22 @@ static void snapshot_free(struct wp_snapshot *s)
                 wp_free(s->chains[i].name);
                 wp_free(s->chains[i].clusters);
                 wp_free(s->chains[i].unsupported);
+                http_conf_free(s->chains[i].http);
         }
         wp_free(s->chains);
         for (size_t i = 0; i < s->nclusters; i++) {
                 wp_free(s->clusters[i].name);
                 if (s->clusters[i].eps != (struct wp_endpoint *)&passthrough_mark)
                         wp_free(s->clusters[i].eps);
+                wp_lb_free(s->clusters[i].lb);
         }
         wp_free(s->clusters);
         free_node(s->matcher);
+        if (s->cluster_map) {
+                wp_free(s->cluster_map->slots);
+                wp_free(s->cluster_map);
+        }
+        wp_wds_free(s->wds);
         xds_resources_free(s->res);
         wp_free(s);
 }
@@ -1042,7 +1362,9 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                         goto err;
                 if (skip) {
                         wp_free(s->clusters[k].name);
-                        wp_free(s->clusters[k].eps);
+                        if (s->clusters[k].eps != (struct wp_endpoint *)&passthrough_mark)
+                                wp_free(s->clusters[k].eps);
+                        wp_lb_free(s->clusters[k].lb);
                         memset(&s->clusters[k], 0, sizeof(s->clusters[k]));
                         s->nclusters = k;
                 } else {
@@ -1088,8 +1410,16 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 goto err;
         s->terminate_digest = listener_digest(xds_resources_find(res, XDS_RES_LISTENER,
                                                                  "connect_terminate"));
+        r = wp_wds_build(res, &s->wds);
+        if (r < 0)
+                goto err;
+        s->cluster_map = wp_malloc(sizeof(*s->cluster_map));
+        if (!s->cluster_map) {
+                r = -ENOMEM;
+                goto err;
+        }
+        *s->cluster_map = b.clusters;
         s->res = res;
-        wp_free(b.clusters.slots);
         wp_free(b.chains.slots);
         *ret = s;
         return 0;
@@ -1106,6 +1436,16 @@ err:
         else
                 wp_free(b.err);
         return r < 0 ? r : -EINVAL;
+}
+
+struct wp_cluster *wp_snapshot_cluster(const struct wp_snapshot *s, const char *name)
+{
+        size_t i;
+
+        if (!s->cluster_map)
+                return NULL;
+        i = map_get(s->cluster_map, name);
+        return i == SIZE_MAX ? NULL : &s->clusters[i];
 }
 
 struct wp_snapshot *wp_snapshot_ref(struct wp_snapshot *s)

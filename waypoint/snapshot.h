@@ -18,6 +18,11 @@
 #include <sys/socket.h>
 
 struct xds_resources;
+struct flt_ops;
+struct wp_lb;
+struct wp_route_table;
+struct wp_name_map;
+struct wp_wds;
 
 #define WP_AUTHORITY_MAX 64
 
@@ -38,12 +43,29 @@ struct wp_cluster {
         size_t nhealthy;
         uint32_t connect_timeout_ms;
         _Atomic uint64_t rr; /* round-robin cursor, shared by workers (relaxed) */
+        struct wp_lb *lb;    /* per-request balancer (lb_policy); NULL for passthrough */
+        bool passthrough;    /* `encap`: the tunnel's own destination, through its ztunnel */
 };
 
 enum wp_chain_kind {
         WP_CHAIN_TCP,        /* tcp_proxy to a cluster */
         WP_CHAIN_PASSTHROUGH, /* tcp_proxy to `encap`: HBONE to the original destination */
         WP_CHAIN_UNSUPPORTED, /* a filter we do not implement yet: tunnels are refused */
+        WP_CHAIN_HTTP,        /* http_connection_manager: HTTP/1.1 inside the tunnel (l7.c) */
+};
+
+/* One compiled HTTP filter of an HCM chain (the router is implicit, always last). */
+struct wp_http_filter {
+        const struct flt_ops *ops;
+        void *conf; /* ops->conf_new result, freed with ops->conf_free */
+};
+
+/* WP_CHAIN_HTTP: the compiled http_connection_manager. */
+struct wp_http_conf {
+        struct wp_route_table *routes;
+        struct wp_http_filter *filters; /* enforced filters in order (router excluded) */
+        size_t nfilters;
+        bool websocket; /* upgrade_configs: "websocket" enabled at the HCM level */
 };
 
 struct wp_weighted_cluster {
@@ -58,6 +80,7 @@ struct wp_chain {
         size_t nclusters;
         uint32_t total_weight;
         char *unsupported; /* WP_CHAIN_UNSUPPORTED: what is missing (e.g. the filter name) */
+        struct wp_http_conf *http; /* WP_CHAIN_HTTP */
 };
 
 struct wp_match_node; /* compiled matcher tree (snapshot.c) */
@@ -76,6 +99,8 @@ struct wp_snapshot {
          * connections accepted under the old one (GOAWAY), as Envoy drains a replaced listener */
         uint64_t terminate_digest;
         struct xds_resources *res;   /* the resources it was built from (config_dump) */
+        struct wp_name_map *cluster_map; /* cluster name -> index (wp_snapshot_cluster) */
+        struct wp_wds *wds;          /* workloads by IP, for telemetry labels (wds.h) */
 };
 
 /* Compiles resources into a snapshot; takes ownership of res on success. On failure returns
@@ -87,6 +112,8 @@ struct wp_snapshot *wp_snapshot_unref(struct wp_snapshot *s); /* NULL-safe, retu
 
 /* The chain serving destination addr (AF_INET/AF_INET6 with port), or NULL: not served. */
 const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr);
+/* The cluster called name (routes name clusters at request time), or NULL. */
+struct wp_cluster *wp_snapshot_cluster(const struct wp_snapshot *s, const char *name);
 /* Picks a cluster of a chain by weight (rnd: a random number) then a healthy endpoint by round
  * robin. NULL when no healthy endpoint. */
 const struct wp_endpoint *wp_chain_pick(const struct wp_chain *c, uint64_t rnd);

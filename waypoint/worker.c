@@ -12,11 +12,15 @@
 #include "hbone/conn.h"
 #include "hbone/relay.h"
 #include "waypoint/base/alloc.h"
+#include "waypoint/base/list.h"
 #include "waypoint/base/log.h"
 #include "waypoint/base/time.h"
 #include "waypoint/base/util.h"
 #include "waypoint/daemon.h"
+#include "waypoint/metrics.h"
+#include "waypoint/l7.h"
 #include "waypoint/snapshot.h"
+#include "waypoint/wds.h"
 
 #define POOL_BUCKETS 1024
 
@@ -38,31 +42,6 @@ const char *const wp_counter_names[_WP_COUNTER_MAX] = {
         [WP_C_UPSTREAM_CX_FAIL] = "upstream_cx_connect_failed",
 };
 
-struct list {
-        struct list *prev, *next;
-};
-
-static void list_init(struct list *l)
-{
-        l->prev = l->next = l;
-}
-static bool list_empty(const struct list *l)
-{
-        return l->next == l;
-}
-static void list_add_tail(struct list *head, struct list *n)
-{
-        n->prev = head->prev;
-        n->next = head;
-        head->prev->next = n;
-        head->prev = n;
-}
-static void list_del(struct list *n)
-{
-        n->prev->next = n->next;
-        n->next->prev = n->prev;
-        list_init(n);
-}
 
 struct pool_key {
         struct sockaddr_storage addr;
@@ -75,9 +54,10 @@ struct pool_conn {
         struct hbone_conn *conn;
         struct pool_key key;
         unsigned bucket;
-        struct list link;    /* in the bucket while usable */
-        struct list waiting; /* tunnels waiting for this connection to establish */
-        struct list all;     /* worker's list of every upstream connection */
+        struct wp_list link;    /* in the bucket while usable */
+        struct wp_list waiting; /* tunnels waiting for this connection to establish */
+        struct wp_list l7_waiting; /* L7 requests (wp_pool_req) waiting for it */
+        struct wp_list all;     /* worker's list of every upstream connection */
         struct wp_timer idle;
         bool usable; /* in the bucket */
         bool established;
@@ -87,7 +67,7 @@ struct pool_conn {
 struct downstream {
         struct wp_worker *w;
         struct hbone_conn *conn;
-        struct list link;
+        struct wp_list link;
         uint64_t id;
 };
 
@@ -98,12 +78,18 @@ struct tunnel {
         const struct wp_endpoint *ep;
         struct wp_endpoint own_ep; /* passthrough: the original destination */
         struct pool_conn *pc;
-        struct list wait_link; /* in pc->waiting */
+        struct wp_list wait_link; /* in pc->waiting */
         uint64_t id;
         uint64_t start_ns;
         char authority[WP_AUTHORITY_MAX];
         char peer[256];
         char chain[160];
+        /* telemetry: what the CONNECT and the connection said about the source */
+        struct sockaddr_storage src;
+        char peer_uri[256];
+        char baggage[512];
+        struct wp_metrics_tcp *mtcp;
+        const char *cluster; /* name of the cluster t->ep belongs to (snapshot-owned) */
 };
 
 struct wp_worker {
@@ -119,14 +105,15 @@ struct wp_worker {
         bool draining;
         bool stop;
         bool listeners_stopped; /* admin /drain_listeners seen */
-        uint64_t drain_deadline;
-        struct list downstreams;
-        struct list upstreams;
-        struct list buckets[POOL_BUCKETS];
+        uint64_t drain_deadline, min_drain_deadline;
+        struct wp_list downstreams;
+        struct wp_list upstreams;
+        struct wp_list buckets[POOL_BUCKETS];
         uint64_t next_id;
         uint64_t rnd;
         _Atomic uint64_t counters[_WP_COUNTER_MAX];
         struct wp_timer drain_timer;
+        struct wp_metrics_shard *mshard; /* this worker's metrics shard (plain stores) */
 };
 
 static void cnt_add(struct wp_worker *w, enum wp_counter c, int64_t d)
@@ -161,8 +148,8 @@ static void tunnel_free(struct tunnel *t)
         if (t->pc) {
                 struct pool_conn *pc = t->pc;
 
-                if (!list_empty(&t->wait_link))
-                        list_del(&t->wait_link);
+                if (!wp_list_empty(&t->wait_link))
+                        wp_list_del(&t->wait_link);
                 t->pc = NULL;
                 if (--pc->tunnels == 0) {
                         if (!pc->conn)
@@ -179,6 +166,48 @@ static void tunnel_free(struct tunnel *t)
         wp_free(t);
 }
 
+static struct wp_mstr mstr(const char *s)
+{
+        return s ? (struct wp_mstr){s, (uint32_t)strlen(s)} : (struct wp_mstr){NULL, 0};
+}
+
+/* istio_tcp_connections_opened_total and friends for an established L4 tunnel, labelled as
+ * Envoy's istio.stats labels a waypoint's TCP traffic: the source from WDS (by source IP),
+ * else from the CONNECT's baggage, and its certificate; the destination from the chosen
+ * endpoint's WDS workload and the cluster's istio service metadata. */
+static void tunnel_metrics_open(struct tunnel *t)
+{
+        struct wp_metrics_labels l = {0};
+        const Istio__Workload__Workload *src = NULL, *dst = NULL;
+        struct wp_service_meta svc;
+        char dst_principal[300];
+
+        if (!t->w->mshard || !t->snap)
+                return;
+        src = wp_wds_lookup(t->snap->wds, (const struct sockaddr *)&t->src);
+        if (src)
+                wp_metrics_labels_source_from_workload(&l, src);
+        else if (t->baggage[0])
+                wp_metrics_labels_source_from_baggage(&l, t->baggage, strlen(t->baggage));
+        wp_metrics_labels_set_source_principal(&l, t->peer_uri, strlen(t->peer_uri));
+        if (t->ep) {
+                dst = wp_wds_lookup(t->snap->wds, (const struct sockaddr *)&t->ep->addr);
+                wp_metrics_labels_destination_from_workload(&l, dst);
+                if (dst && wp_metrics_workload_principal(dst, dst_principal,
+                                                         sizeof(dst_principal)) > 0)
+                        l.v[WP_ML_DESTINATION_PRINCIPAL] = mstr(dst_principal);
+        }
+        if (t->cluster) {
+                wp_cluster_service_meta(t->snap->res, t->cluster, &svc);
+                l.v[WP_ML_DESTINATION_SERVICE] = mstr(svc.host);
+                l.v[WP_ML_DESTINATION_SERVICE_NAME] = mstr(svc.name);
+                l.v[WP_ML_DESTINATION_SERVICE_NAMESPACE] = mstr(svc.namespace_);
+        }
+        l.v[WP_ML_REQUEST_PROTOCOL] = mstr("tcp");
+        l.v[WP_ML_CONNECTION_SECURITY_POLICY] = mstr("mutual_tls");
+        t->mtcp = wp_metrics_tcp_open(t->w->mshard, &l);
+}
+
 static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, unsigned status,
                             void *user)
 {
@@ -186,6 +215,7 @@ static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, 
 
         if (res == HBONE_RELAY_OK) {
                 cnt_add(t->w, WP_C_TUNNELS_ESTABLISHED, 1);
+                tunnel_metrics_open(t);
                 wp_debug("tunnel", "[T%lu] %s -> %s via %s: established (%s)", t->id, t->peer,
                          t->authority, t->ep ? t->ep->authority : "?", t->chain);
                 return;
@@ -201,6 +231,13 @@ static void on_relay_done(struct hbone_relay *r, void *user)
 {
         struct tunnel *t = user;
 
+        if (t->mtcp) {
+                /* sent = towards the client, received = from it (Envoy's view) */
+                wp_metrics_tcp_bytes(t->mtcp, hbone_relay_bytes_sent_down(r),
+                                     hbone_relay_bytes_sent_up(r));
+                wp_metrics_tcp_close(t->mtcp);
+                t->mtcp = NULL;
+        }
         cnt_add(t->w, WP_C_BYTES_UP, (int64_t)hbone_relay_bytes_sent_up(r));
         cnt_add(t->w, WP_C_BYTES_DOWN, (int64_t)hbone_relay_bytes_sent_down(r));
         wp_debug("tunnel", "[T%lu] %s -> %s closed: %lu bytes up, %lu down, %lu ms", t->id,
@@ -244,7 +281,7 @@ static void make_key(struct pool_key *k, const struct wp_endpoint *ep, uint16_t 
 static void pool_unlist(struct pool_conn *pc)
 {
         if (pc->usable) {
-                list_del(&pc->link);
+                wp_list_del(&pc->link);
                 pc->usable = false;
         }
 }
@@ -256,7 +293,7 @@ static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_ke
 static void pool_attach(struct wp_worker *w, struct tunnel *t)
 {
         struct pool_key k;
-        struct list *b, *it;
+        struct wp_list *b, *it;
         struct pool_conn *pc = NULL;
 
         make_key(&k, t->ep, t->snap->hbone_port);
@@ -288,7 +325,7 @@ static void pool_attach(struct wp_worker *w, struct tunnel *t)
         if (pc->established)
                 tunnel_open_on(t, pc);
         else
-                list_add_tail(&pc->waiting, &t->wait_link);
+                wp_list_add_tail(&pc->waiting, &t->wait_link);
 }
 
 static void tunnel_open_on(struct tunnel *t, struct pool_conn *pc)
@@ -331,8 +368,9 @@ static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_ke
                 return NULL;
         pc->w = w;
         pc->key = *k;
-        list_init(&pc->waiting);
-        list_init(&pc->link);
+        wp_list_init(&pc->waiting);
+        wp_list_init(&pc->l7_waiting);
+        wp_list_init(&pc->link);
         pc->idle.on_fire = pool_idle_fire;
         cfg = (struct hbone_conn_config){
                 .loop = w->loop,
@@ -353,9 +391,9 @@ static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_ke
                 return NULL;
         }
         pc->bucket = key_hash(k);
-        list_add_tail(&w->buckets[pc->bucket], &pc->link);
+        wp_list_add_tail(&w->buckets[pc->bucket], &pc->link);
         pc->usable = true;
-        list_add_tail(&w->upstreams, &pc->all);
+        wp_list_add_tail(&w->upstreams, &pc->all);
         cnt_add(w, WP_C_UPSTREAM_CX_TOTAL, 1);
         cnt_add(w, WP_C_UPSTREAM_CX_ACTIVE, 1);
         return pc;
@@ -368,11 +406,18 @@ static void upstream_established(struct hbone_conn *c, void *user)
         pc->established = true;
         wp_debug("upstream", "[C%lu] established, peer %s", (unsigned long)hbone_conn_id(c),
                  hbone_conn_peer_uri(c));
-        while (!list_empty(&pc->waiting)) {
+        while (!wp_list_empty(&pc->waiting)) {
                 struct tunnel *t = container_of(pc->waiting.next, struct tunnel, wait_link);
 
-                list_del(&t->wait_link);
+                wp_list_del(&t->wait_link);
                 tunnel_open_on(t, pc);
+        }
+        while (!wp_list_empty(&pc->l7_waiting)) {
+                struct wp_pool_req *pr = container_of(pc->l7_waiting.next, struct wp_pool_req, link);
+
+                wp_list_del(&pr->link);
+                pr->waiting = false;
+                pr->on_ready(pr, pc->conn, 0);
         }
 }
 
@@ -390,19 +435,28 @@ static void upstream_closed(struct hbone_conn *c, int err, const char *why, void
         } else {
                 wp_debug("upstream", "[C%lu] closed: %s", (unsigned long)hbone_conn_id(c), why);
         }
-        while (!list_empty(&pc->waiting)) {
+        while (!wp_list_empty(&pc->waiting)) {
                 struct tunnel *t = container_of(pc->waiting.next, struct tunnel, wait_link);
 
-                list_del(&t->wait_link);
+                wp_list_del(&t->wait_link);
                 t->pc = NULL;
                 pc->tunnels--;
                 hbone_relay_fail(t->relay, timeout ? 504 : 502,
                                  timeout ? "upstream_timeout" : "upstream_refused");
         }
+        while (!wp_list_empty(&pc->l7_waiting)) {
+                struct wp_pool_req *pr = container_of(pc->l7_waiting.next, struct wp_pool_req, link);
+
+                wp_list_del(&pr->link);
+                pr->waiting = false;
+                pr->pc = NULL;
+                pc->tunnels--;
+                pr->on_ready(pr, NULL, timeout ? -ETIMEDOUT : -ECONNREFUSED);
+        }
         /* tunnels that had streams on it were told through on_tunnel_close; detach them */
         pc->conn = NULL;
         wp_timer_disarm(w->loop, &pc->idle);
-        list_del(&pc->all);
+        wp_list_del(&pc->all);
         cnt_add(w, WP_C_UPSTREAM_CX_ACTIVE, -1);
         hbone_conn_free(c);
         if (pc->tunnels == 0)
@@ -426,11 +480,11 @@ static void upstream_on_goaway(struct hbone_session *s, uint32_t err, void *sess
 
 static const struct hbone_callbacks upstream_cb = {
         .on_tunnel_request = upstream_on_request,
-        .on_tunnel_response = hbone_relay_on_response,
-        .on_tunnel_data = hbone_relay_on_data,
-        .on_tunnel_eof = hbone_relay_on_eof,
-        .on_tunnel_writable = hbone_relay_on_writable,
-        .on_tunnel_close = hbone_relay_on_close,
+        .on_tunnel_response = wp_l7_cb_on_response,
+        .on_tunnel_data = wp_l7_cb_on_data,
+        .on_tunnel_eof = wp_l7_cb_on_eof,
+        .on_tunnel_writable = wp_l7_cb_on_writable,
+        .on_tunnel_close = wp_l7_cb_on_close,
         .on_goaway = upstream_on_goaway,
 };
 
@@ -438,6 +492,103 @@ static const struct hbone_conn_ops upstream_ops = {
         .on_established = upstream_established,
         .on_closed = upstream_closed,
 };
+
+/* ---- upstream pool access for L7 (l7.h) ---- */
+
+int wp_worker_pool_get(struct wp_worker *w, const struct sockaddr_storage *addr, socklen_t len,
+                       uint16_t hbone_port, struct wp_pool_req *pr)
+{
+        struct wp_endpoint ep = {.addrlen = len};
+        struct pool_key k;
+        struct wp_list *b, *it;
+        struct pool_conn *pc = NULL;
+
+        memcpy(&ep.addr, addr, len);
+        make_key(&k, &ep, hbone_port);
+        b = &w->buckets[key_hash(&k)];
+        for (it = b->next; it != b; it = it->next) {
+                struct pool_conn *c = container_of(it, struct pool_conn, link);
+
+                if (c->key.len != k.len || memcmp(&c->key.addr, &k.addr, k.len) != 0)
+                        continue;
+                if (!c->conn || hbone_conn_closing(c->conn))
+                        continue;
+                if (!c->established || (hbone_conn_session(c->conn) &&
+                                        hbone_session_streams_available(
+                                                hbone_conn_session(c->conn)) > 0)) {
+                        pc = c;
+                        break;
+                }
+        }
+        if (!pc)
+                pc = pool_new_conn(w, &k);
+        if (!pc)
+                return -ECONNREFUSED;
+        pr->pc = pc;
+        pc->tunnels++;
+        wp_timer_disarm(w->loop, &pc->idle);
+        if (pc->established)
+                return 1;
+        pr->waiting = true;
+        wp_list_add_tail(&pc->l7_waiting, &pr->link);
+        return 0;
+}
+
+struct hbone_conn *wp_worker_pool_conn(const struct wp_pool_req *pr)
+{
+        return pr->pc ? ((struct pool_conn *)pr->pc)->conn : NULL;
+}
+
+void wp_worker_pool_put(struct wp_worker *w, struct wp_pool_req *pr)
+{
+        struct pool_conn *pc = pr->pc;
+
+        if (!pc)
+                return;
+        if (pr->waiting) {
+                wp_list_del(&pr->link);
+                pr->waiting = false;
+        }
+        pr->pc = NULL;
+        if (--pc->tunnels == 0) {
+                if (!pc->conn)
+                        wp_free(pc);
+                else if (pc->established && !w->draining)
+                        wp_timer_arm(w->loop, &pc->idle,
+                                     wp_now_ns() + w->rt->opts.pool_idle_ms * WP_NSEC_PER_MSEC);
+                else if (w->draining)
+                        hbone_conn_drain(pc->conn);
+        }
+}
+
+void wp_worker_pool_full(struct wp_worker *w, struct wp_pool_req *pr)
+{
+        if (pr->pc)
+                pool_unlist(pr->pc);
+        wp_worker_pool_put(w, pr);
+}
+
+/* A tunnel to an HTTP chain: l7.c serves it (no relay). */
+static int l7_take(struct wp_worker *w, struct hbone_conn *conn, struct hbone_stream *st,
+                   const struct hbone_request *req, const struct wp_chain *chain)
+{
+        const struct wp_options *o = &w->rt->opts;
+        struct wp_l7_start ls = {
+                .w = w,
+                .loop = w->loop,
+                .conn = conn,
+                .st = st,
+                .req = req,
+                .snap = w->snap,
+                .chain = chain,
+                .id = ++w->next_id,
+                .pool_idle_ms = o->pool_idle_ms,
+                .connect_timeout_ms = o->connect_timeout_ms,
+        };
+
+        cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
+        return wp_l7_tunnel_start(&ls);
+}
 
 /* ---- downstream ---- */
 
@@ -459,15 +610,27 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         struct tunnel *t;
         int r;
 
+        if (w->snap && req->target.is_ip) {
+                const struct wp_chain *hc =
+                        wp_snapshot_lookup(w->snap, (const struct sockaddr *)&req->target.addr);
+
+                if (hc && hc->kind == WP_CHAIN_HTTP)
+                        return l7_take(w, conn, st, req, hc);
+        }
         t = wp_calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
         t->w = w;
         t->id = ++w->next_id;
         t->start_ns = wp_now_ns();
-        list_init(&t->wait_link);
+        wp_list_init(&t->wait_link);
         snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
         format_peer(hbone_conn_peer_addr(conn), t->peer, sizeof(t->peer));
+        t->src = *hbone_conn_peer_addr(conn);
+        snprintf(t->peer_uri, sizeof(t->peer_uri), "%s",
+                 hbone_conn_peer_uri(conn) ? hbone_conn_peer_uri(conn) : "");
+        if (req->baggage)
+                snprintf(t->baggage, sizeof(t->baggage), "%s", req->baggage);
         rcfg = (struct hbone_relay_config){
                 .loop = w->loop,
                 .ops = &relay_ops,
@@ -519,6 +682,12 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 t->ep = &t->own_ep;
         } else {
                 t->ep = wp_chain_pick(chain, rnd_next(w));
+                for (size_t i = 0; t->ep && i < chain->nclusters; i++) {
+                        const struct wp_cluster *c = chain->clusters[i].cluster;
+
+                        if (t->ep >= c->eps && t->ep < c->eps + c->neps)
+                                t->cluster = c->name;
+                }
         }
         if (!t->ep) {
                 cnt_add(w, WP_C_TUNNEL_NO_ENDPOINT, 1);
@@ -544,11 +713,11 @@ static void downstream_on_goaway(struct hbone_session *s, uint32_t err, void *se
 
 static const struct hbone_callbacks downstream_cb = {
         .on_tunnel_request = downstream_on_request,
-        .on_tunnel_response = hbone_relay_on_response,
-        .on_tunnel_data = hbone_relay_on_data,
-        .on_tunnel_eof = hbone_relay_on_eof,
-        .on_tunnel_writable = hbone_relay_on_writable,
-        .on_tunnel_close = hbone_relay_on_close,
+        .on_tunnel_response = wp_l7_cb_on_response,
+        .on_tunnel_data = wp_l7_cb_on_data,
+        .on_tunnel_eof = wp_l7_cb_on_eof,
+        .on_tunnel_writable = wp_l7_cb_on_writable,
+        .on_tunnel_close = wp_l7_cb_on_close,
         .on_goaway = downstream_on_goaway,
 };
 
@@ -578,7 +747,7 @@ static void downstream_closed(struct hbone_conn *c, int err, const char *why, vo
         } else {
                 wp_debug("downstream", "[C%lu] %s: closed: %s", (unsigned long)d->id, peer, why);
         }
-        list_del(&d->link);
+        wp_list_del(&d->link);
         cnt_add(w, WP_C_DOWNSTREAM_CX_ACTIVE, -1);
         hbone_conn_free(c);
         wp_free(d);
@@ -637,7 +806,7 @@ static void on_accept(struct wp_op *op, int res)
         if (hbone_conn_accept(&cfg, res, &d->conn) < 0) {
                 wp_free(d);
         } else {
-                list_add_tail(&w->downstreams, &d->link);
+                wp_list_add_tail(&w->downstreams, &d->link);
                 cnt_add(w, WP_C_DOWNSTREAM_CX_TOTAL, 1);
                 cnt_add(w, WP_C_DOWNSTREAM_CX_ACTIVE, 1);
         }
@@ -670,7 +839,7 @@ static void refresh_snapshot(struct wp_worker *w)
         w->snap_version = v;
         pthread_mutex_unlock(&rt->snap_lock);
         if (drain_downstreams) {
-                struct list *it;
+                struct wp_list *it;
 
                 wp_info("worker", "connect_terminate listener changed: draining its connections");
                 for (it = w->downstreams.next; it != &w->downstreams; it = it->next)
@@ -680,12 +849,14 @@ static void refresh_snapshot(struct wp_worker *w)
 
 static void start_drain(struct wp_worker *w)
 {
-        struct list *it;
+        struct wp_list *it;
 
         if (w->draining)
                 return;
         w->draining = true;
+        wp_l7_worker_drain();
         w->drain_deadline = wp_now_ns() + w->rt->opts.drain_ms * WP_NSEC_PER_MSEC;
+        w->min_drain_deadline = wp_now_ns() + w->rt->opts.min_drain_ms * WP_NSEC_PER_MSEC;
         wp_loop_cancel(w->loop, &w->accept_op);
         for (it = w->downstreams.next; it != &w->downstreams; it = it->next)
                 hbone_conn_drain(container_of(it, struct downstream, link)->conn);
@@ -699,14 +870,15 @@ static void start_drain(struct wp_worker *w)
 
 static void close_everything(struct wp_worker *w)
 {
-        while (!list_empty(&w->downstreams)) {
+        wp_l7_worker_drain();
+        while (!wp_list_empty(&w->downstreams)) {
                 struct downstream *d = container_of(w->downstreams.next, struct downstream, link);
 
                 if (hbone_conn_closing(d->conn))
                         break;
                 hbone_conn_close(d->conn, -ECANCELED, "drain deadline");
         }
-        for (struct list *it = w->upstreams.next; it != &w->upstreams; it = it->next) {
+        for (struct wp_list *it = w->upstreams.next; it != &w->upstreams; it = it->next) {
                 struct pool_conn *pc = container_of(it, struct pool_conn, all);
 
                 if (pc->conn && !hbone_conn_closing(pc->conn))
@@ -719,7 +891,7 @@ static void close_everything(struct wp_worker *w)
  * tunnels go on. Unlike start_drain nothing is forced closed and the worker keeps running. */
 static void stop_listeners(struct wp_worker *w)
 {
-        struct list *it;
+        struct wp_list *it;
 
         if (!w->listeners_stopped) {
                 w->listeners_stopped = true;
@@ -752,17 +924,29 @@ static void *worker_main(void *arg)
                 if (atomic_load(&rt->draining) && !w->draining)
                         start_drain(w);
                 if (w->draining) {
-                        bool idle = list_empty(&w->downstreams) && list_empty(&w->upstreams) &&
+                        /* refuse new connections outright (not just stop accepting: the
+                         * kernel would still queue them on a listening socket) */
+                        if (w->listen_fd >= 0 && !wp_op_inflight(&w->accept_op)) {
+                                close(w->listen_fd);
+                                w->listen_fd = -1;
+                        }
+                        bool idle = wp_list_empty(&w->downstreams) && wp_list_empty(&w->upstreams) &&
                                     !wp_op_inflight(&w->accept_op);
 
-                        if (idle)
+                        uint64_t now = wp_now_ns();
+
+                        /* pilot-agent's semantics: with EXIT_ON_ZERO_ACTIVE_CONNECTIONS leave
+                         * once idle (but not before MINIMUM_DRAIN_DURATION); without it stay
+                         * for the whole terminationDrainDuration */
+                        if (idle && (w->rt->opts.exit_on_zero ? now >= w->min_drain_deadline
+                                                              : now >= w->drain_deadline))
                                 break;
                         if (!forced && wp_now_ns() >= w->drain_deadline) {
                                 forced = true;
                                 close_everything(w);
                         }
                         /* idle pooled connections go as soon as their last tunnel ends */
-                        for (struct list *it = w->upstreams.next; it != &w->upstreams;
+                        for (struct wp_list *it = w->upstreams.next; it != &w->upstreams;
                              it = it->next) {
                                 struct pool_conn *pc = container_of(it, struct pool_conn, all);
 
@@ -773,6 +957,7 @@ static void *worker_main(void *arg)
                 if (wp_loop_run_once(w->loop, 200 * WP_NSEC_PER_MSEC) < 0)
                         break;
         }
+        wp_l7_worker_done();
         return NULL;
 }
 
@@ -809,10 +994,10 @@ int wp_worker_start(struct wp_runtime *rt, unsigned idx, struct wp_worker **ret,
         w->idx = idx;
         w->listen_fd = -1;
         w->rnd = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)idx << 32) ^ wp_now_ns();
-        list_init(&w->downstreams);
-        list_init(&w->upstreams);
+        wp_list_init(&w->downstreams);
+        wp_list_init(&w->upstreams);
         for (unsigned i = 0; i < POOL_BUCKETS; i++)
-                list_init(&w->buckets[i]);
+                wp_list_init(&w->buckets[i]);
         wp_op_init(&w->accept_op, on_accept);
         r = wp_loop_new(rt->opts.io_backend, 4096, &w->loop, &note);
         if (r < 0) {
@@ -829,6 +1014,7 @@ int wp_worker_start(struct wp_runtime *rt, unsigned idx, struct wp_worker **ret,
                 *reterr_desc = "cannot listen on the HBONE address";
                 goto err_loop;
         }
+        w->mshard = rt->metrics ? wp_metrics_shard(rt->metrics, idx) : NULL;
         refresh_snapshot(w);
         r = -pthread_create(&w->thread, NULL, worker_main, w);
         if (r < 0) {

@@ -48,6 +48,8 @@ class XdsWaypoint(Waypoint):
                 '--hbone-address', self.hbone_addr,
                 '--admin-address', self.admin_addr,
                 '--status-address', self.status_addr,
+                '--metrics-address', '%s:15020' % self.ip,
+                '--prometheus-address', '%s:15090' % self.ip,
                 '--io-backend', io_backend()]
         if os.environ.get('WP_E2E_LOG_LEVEL'):
             args += ['--log-level', os.environ['WP_E2E_LOG_LEVEL']]

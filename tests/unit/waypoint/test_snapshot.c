@@ -7,7 +7,10 @@
 #include <string.h>
 
 #include "check.h"
+#include "filters/filter.h"
 #include "waypoint/base/alloc.h"
+#include "waypoint/lb.h"
+#include "waypoint/router.h"
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
@@ -143,11 +146,14 @@ static void test_fixture_dispatch_matches_istiod_shape(void)
         CHECK(ep->hbone);
         CHECK_STR_EQ(ep->authority, "127.0.24.1:27017");
 
-        /* HTTP services are L7 chains: refused until the L7 issue, never passed as TCP */
+        /* HTTP services are L7 chains: the HCM compiles (routes, RBAC, router), never TCP */
         c = lookup(s, "127.200.0.1", 9080);
         REQUIRE(c != NULL);
-        CHECK_INT_EQ(c->kind, WP_CHAIN_UNSUPPORTED);
-        CHECK_STR_EQ(c->unsupported, "envoy.filters.network.http_connection_manager");
+        CHECK_INT_EQ(c->kind, WP_CHAIN_HTTP);
+        CHECK(c->unsupported == NULL);
+        REQUIRE(c->http != NULL);
+        CHECK(c->http->routes != NULL);
+        CHECK(c->http->websocket);
         CHECK(wp_chain_pick(c, 0) == NULL);
 
         /* not served: wrong port, unknown VIP, other family */
@@ -319,6 +325,145 @@ static void test_workload_address_goes_to_passthrough_chain(void)
         free(text);
 }
 
+/* Loads the istiod fixture with the nth occurrence of from replaced by to. */
+static char *fixture_with(const char *from, const char *to, int nth)
+{
+        char *fixture = check_read_test_file("data/istiod-waypoint-bookinfo.json", NULL);
+        char *text = replace_nth(fixture, from, to, nth);
+
+        free(fixture);
+        return text;
+}
+
+static void expect_fixture_reject(const char *from, const char *to, int nth, const char *part1,
+                                  const char *part2)
+{
+        char *text = fixture_with(from, to, nth), *err = NULL;
+        struct wp_snapshot *s = NULL;
+        int r = build_text(text, &s, &err);
+
+        CHECK(r < 0);
+        CHECK(s == NULL);
+        if (!err || !strstr(err, part1) || (part2 && !strstr(err, part2))) {
+                fprintf(stderr, "  expected error containing \"%s\" and \"%s\", got \"%s\"\n",
+                        part1, part2 ? part2 : "", err ? err : "(none)");
+                check_failures++;
+        }
+        wp_free(err);
+        free(text);
+}
+
+static void test_hcm_chain_compiles_filters_routes_and_lb(void)
+{
+        char *text = fixture_with("\"name\": \"envoy.filters.http.router\"",
+                                  "\"name\": \"envoy.filters.http.router\"", 1);
+        struct wp_snapshot *s = NULL;
+        struct wp_route_result res;
+        struct wp_http_request req = {.method = "GET", .authority = "productpage:9080",
+                                      .path = "/productpage", .version = WP_HTTP_11,
+                                      .content_length = -1};
+        char buf[256];
+        char *err = NULL;
+
+        REQUIRE(build_text(text, &s, &err) == 0);
+        /* productpage: RBAC enforced (the only filter left: stats/peer metadata skipped) */
+        const struct wp_chain *c = lookup(s, "127.200.0.1", 9080);
+        REQUIRE(c && c->kind == WP_CHAIN_HTTP);
+        CHECK_INT_EQ(c->http->nfilters, 1);
+        CHECK_STR_EQ(c->http->filters[0].ops->name, "envoy.filters.http.rbac");
+        CHECK(c->http->filters[0].conf != NULL);
+        wp_route_result_init(&res, buf, sizeof(buf));
+        REQUIRE(wp_route_match(c->http->routes, &req, 0, &res) == 0);
+        CHECK_INT_EQ(res.action, WP_ROUTE_ACTION_CLUSTER);
+        REQUIRE(res.cluster != NULL);
+        struct wp_cluster *cl = wp_snapshot_cluster(s, res.cluster);
+        REQUIRE(cl != NULL);
+        CHECK(cl->lb != NULL);
+        CHECK_INT_EQ(wp_lb_policy(cl->lb), WP_LB_LEAST_REQUEST); /* istiod's default */
+        CHECK(wp_snapshot_cluster(s, "no-such-cluster") == NULL);
+        /* the passthrough cluster has no balancer: the tunnel's own destination */
+        cl = wp_snapshot_cluster(s, "encap");
+        REQUIRE(cl != NULL);
+        CHECK(cl->passthrough);
+        CHECK(cl->lb == NULL);
+        /* reviews: no RBAC */
+        c = lookup(s, "127.200.0.2", 9080);
+        if (c && c->kind == WP_CHAIN_HTTP)
+                CHECK_INT_EQ(c->http->nfilters, 0);
+        wp_snapshot_unref(s);
+        free(text);
+}
+
+static void test_hcm_rejects_unknown_required_http_filter(void)
+{
+        expect_fixture_reject("\"name\": \"envoy.filters.http.grpc_stats\"",
+                              "\"name\": \"envoy.filters.http.ext_authz\"", 1,
+                              "http_filters[1] (envoy.filters.http.ext_authz): HTTP filter not implemented",
+                              "filter_chains[");
+}
+
+static void test_hcm_skips_unknown_optional_http_filter(void)
+{
+        char *text = fixture_with("\"name\": \"envoy.filters.http.grpc_stats\"",
+                                  "\"name\": \"envoy.filters.http.ext_authz\", \"is_optional\": true", 1);
+        struct wp_snapshot *s = NULL;
+        char *err = NULL;
+
+        CHECK(build_text(text, &s, &err) == 0);
+        CHECK(err == NULL);
+        wp_snapshot_unref(s);
+        wp_free(err);
+        free(text);
+}
+
+static void test_hcm_rejects_non_empty_fault_config(void)
+{
+        expect_fixture_reject("\"@type\": \"type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\"",
+                              "\"@type\": \"type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\", \"max_active_faults\": 3",
+                              1, "(envoy.filters.http.fault): a non-empty configuration is not implemented",
+                              NULL);
+}
+
+static void test_hcm_rejects_per_route_fault_config(void)
+{
+        expect_fixture_reject("\"name\": \"bookinfo.productpage.1\",",
+                              "\"name\": \"bookinfo.productpage.1\", \"typed_per_filter_config\": "
+                              "{\"envoy.filters.http.fault\": {\"@type\": "
+                              "\"type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\", "
+                              "\"max_active_faults\": 1}},",
+                              1, "typed_per_filter_config[envoy.filters.http.fault]", "not implemented");
+}
+
+static void test_hcm_rejects_filter_after_router(void)
+{
+        expect_fixture_reject("\"name\": \"envoy.filters.http.router\"",
+                              "\"name\": \"envoy.filters.http.router\"}, {\"name\": \"istio.stats\"", 2,
+                              "after the router", NULL);
+}
+
+static void test_hcm_rejects_bad_route_config_naming_field(void)
+{
+        expect_fixture_reject("\"path\": \"/\"", "\"path\": \"/\", \"safe_regex\": {\"regex\": \"(\"}",
+                              1, "route_config", "filter_chains[");
+}
+
+static void test_hcm_rejects_bad_rbac_config(void)
+{
+        expect_fixture_reject("\"ns[bookinfo]-policy[productpage-viewer]-rule[0]\": {",
+                              "\"bad\": {\"permissions\": [{\"any\": true}], "
+                              "\"principals\": [{\"filter_state\": {\"key\": \"other.key\", "
+                              "\"string_match\": {\"exact\": \"x\"}}}]}, "
+                              "\"ns[bookinfo]-policy[productpage-viewer]-rule[0]\": {",
+                              1, "(envoy.filters.http.rbac).typed_config.", "filter_chains[");
+}
+
+static void test_cluster_rejects_unsupported_lb_policy(void)
+{
+        expect_fixture_reject("\"name\": \"inbound-vip|9080|http|productpage.bookinfo.svc.cluster.local\",",
+                              "\"name\": \"inbound-vip|9080|http|productpage.bookinfo.svc.cluster.local\", \"lb_policy\": \"CLUSTER_PROVIDED\",",
+                              1, "lb_policy", NULL);
+}
+
 static int build_once(void *arg)
 {
         struct xds_resources *res = NULL;
@@ -338,6 +483,37 @@ static int build_once(void *arg)
         }
         wp_snapshot_unref(s);
         return 0;
+}
+
+/* The istiod fixture (HCM chains: routes, RBAC, LB per cluster) under allocation failures: the
+ * resources are loaded once and kept by the caller on every failed build. */
+static int build_fixture_once(void *arg)
+{
+        struct xds_resources *res = arg;
+        struct wp_snapshot *s = NULL;
+        char *err = NULL;
+        int r = wp_snapshot_build(res, &s, &err);
+
+        if (r < 0) {
+                wp_free(err);
+                return r;
+        }
+        s->res = NULL; /* keep res for the next run */
+        wp_snapshot_unref(s);
+        return 0;
+}
+
+static void test_fixture_build_survives_allocation_failures(void)
+{
+        struct xds_resources *res = NULL;
+        const char *lerr = NULL;
+        char path[4096];
+
+        snprintf(path, sizeof(path), "%s/data/istiod-waypoint-bookinfo.json",
+                 getenv("WP_TEST_SRCDIR") ? getenv("WP_TEST_SRCDIR") : "tests");
+        REQUIRE(xds_resources_load_file(path, &res, &lerr) == 0);
+        CHECK(check_failalloc_run(build_fixture_once, res) > 100);
+        xds_resources_free(res);
 }
 
 static void test_build_survives_allocation_failures(void)
@@ -362,7 +538,17 @@ int main(void)
         RUN(test_rejects_chain_without_terminal_filter);
         RUN(test_unknown_filter_makes_chain_unsupported_not_open);
         RUN(test_workload_address_goes_to_passthrough_chain);
+        RUN(test_hcm_chain_compiles_filters_routes_and_lb);
+        RUN(test_hcm_rejects_unknown_required_http_filter);
+        RUN(test_hcm_skips_unknown_optional_http_filter);
+        RUN(test_hcm_rejects_non_empty_fault_config);
+        RUN(test_hcm_rejects_per_route_fault_config);
+        RUN(test_hcm_rejects_filter_after_router);
+        RUN(test_hcm_rejects_bad_route_config_naming_field);
+        RUN(test_hcm_rejects_bad_rbac_config);
+        RUN(test_cluster_rejects_unsupported_lb_policy);
         RUN(test_build_survives_allocation_failures);
+        RUN(test_fixture_build_survives_allocation_failures);
         free(demo_json);
         return check_exit();
 }

@@ -1,0 +1,89 @@
+/*
+ * L7: HTTP/1.1 inside HBONE tunnels for WP_CHAIN_HTTP chains (istiod's http_connection_manager).
+ *
+ * A tunnel to an HTTP chain is answered 200 at once (as Envoy does) and its bytes are parsed as
+ * HTTP/1.1 requests, one at a time (pipelined bytes wait in the receive buffer, their HTTP/2
+ * credit withheld). Each request runs the chain's filters (RBAC), is routed (router.h), balanced
+ * over the cluster (lb.h, per-worker state) and forwarded over an upstream HTTP/1.1 connection:
+ * a CONNECT tunnel on the worker's HBONE pool for HBONE endpoints, a TCP connection otherwise.
+ * Upstream connections are kept per worker and endpoint while idle and reused (keep-alive).
+ *
+ * HTTP/2 prior knowledge inside the tunnel ("PRI * HTTP/2.0" preface) is not supported yet: the
+ * tunnel is reset (REFUSED_STREAM).
+ *
+ * Threading: everything runs on the worker thread that owns the downstream connection; the
+ * per-worker parts (idle upstream connections, LB state) are thread-local.
+ */
+#ifndef WP_L7_H
+#define WP_L7_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "hbone/conn.h"
+#include "hbone/hbone.h"
+#include "waypoint/base/list.h"
+#include "waypoint/base/loop.h"
+
+struct wp_worker;
+struct wp_snapshot;
+struct wp_chain;
+
+/* What the worker hands over for a tunnel to an HTTP chain. */
+struct wp_l7_start {
+        struct wp_worker *w;
+        struct wp_loop *loop;
+        struct hbone_conn *conn; /* downstream HBONE connection */
+        struct hbone_stream *st; /* the tunnel (not answered yet) */
+        const struct hbone_request *req;
+        struct wp_snapshot *snap; /* a reference is taken */
+        const struct wp_chain *chain;
+        uint64_t id;                 /* for logs */
+        uint32_t pool_idle_ms;       /* idle upstream connections are closed after this */
+        uint32_t connect_timeout_ms; /* 0: the cluster's */
+};
+
+/* Takes the tunnel: answers 200 and serves HTTP/1.1 on it. Returns 0, or -ENOMEM (the tunnel was
+ * not touched: the caller answers it). */
+int wp_l7_tunnel_start(const struct wp_l7_start *s);
+
+/* hbone_callbacks members for the worker's downstream and upstream sessions: streams owned by
+ * this module carry a tagged stream_user; every other stream goes to hbone_relay_on_*. */
+int wp_l7_cb_on_data(struct hbone_stream *st, const uint8_t *data, size_t len, void *user);
+void wp_l7_cb_on_eof(struct hbone_stream *st, void *user);
+void wp_l7_cb_on_writable(struct hbone_stream *st, void *user);
+void wp_l7_cb_on_close(struct hbone_stream *st, uint32_t h2_error, void *user);
+void wp_l7_cb_on_response(struct hbone_stream *st, unsigned status, void *user);
+
+/* The worker drains: close this thread's idle upstream connections and keep no new ones. */
+void wp_l7_worker_drain(void);
+/* The worker thread ends: frees this thread's L7 state (LB states). */
+void wp_l7_worker_done(void);
+
+/*
+ * Access to the worker's upstream HBONE pool (implemented in worker.c). A request for a
+ * connection to addr (pod IP; the port is replaced by hbone_port) counts as a user of the
+ * pooled connection until wp_worker_pool_put().
+ */
+struct wp_pool_req {
+        /* called once the connection is established (conn) or failed (conn NULL, err -errno) */
+        void (*on_ready)(struct wp_pool_req *pr, struct hbone_conn *conn, int err);
+        /* private to worker.c */
+        void *pc;
+        struct wp_list link;
+        bool waiting;
+};
+
+/* Returns 1 with an established connection (wp_worker_pool_conn), 0 when on_ready will follow,
+ * or -ECONNREFUSED (no connection could be started). */
+int wp_worker_pool_get(struct wp_worker *w, const struct sockaddr_storage *addr, socklen_t len,
+                       uint16_t hbone_port, struct wp_pool_req *pr);
+struct hbone_conn *wp_worker_pool_conn(const struct wp_pool_req *pr);
+/* Done with the connection (or no longer waiting). NULL-safe on an unused request. */
+void wp_worker_pool_put(struct wp_worker *w, struct wp_pool_req *pr);
+/* The connection refused a new stream (-EAGAIN/-ENOTCONN): never pick it again, then put. */
+void wp_worker_pool_full(struct wp_worker *w, struct wp_pool_req *pr);
+
+#endif
