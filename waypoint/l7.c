@@ -21,10 +21,12 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "filters/filter.h"
 #include "hbone/relay.h"
+#include "waypoint/accesslog.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/list.h"
 #include "waypoint/base/log.h"
@@ -32,6 +34,7 @@
 #include "waypoint/base/util.h"
 #include "waypoint/http1.h"
 #include "waypoint/lb.h"
+#include "waypoint/metrics.h"
 #include "waypoint/router.h"
 #include "waypoint/snapshot.h"
 
@@ -164,6 +167,14 @@ struct l7t {
         const char *flag;       /* response flag, for logs */
         unsigned status;        /* status sent downstream, for logs */
         uint64_t start_ns;
+        /* telemetry of the current request (t_record) */
+        char baggage[512];      /* the CONNECT's baggage (source labels without WDS) */
+        int64_t start_unix_ns;
+        uint64_t req_wire, resp_wire; /* downstream wire bytes received / sent */
+        uint64_t req_body, resp_body; /* body bytes of both */
+        uint64_t xflags;              /* WP_AL_F(URX), WP_AL_F(DC) */
+        bool req_open;                /* a request is being served and was not recorded yet */
+        bool have_head;               /* its head was parsed (else a parse error) */
 };
 
 /* ---- per-worker (thread-local) state ---- */
@@ -338,6 +349,7 @@ static int down_send(struct l7t *t, const void *d, size_t n)
 
         if (!t->down)
                 return -EPIPE;
+        t->resp_wire += n;
         if (!t->dq.len && n) {
                 w = hbone_stream_write(t->down, d, n);
                 if (w == -EAGAIN)
@@ -422,6 +434,168 @@ static const char *uuid4(char *out)
         return out;
 }
 
+static int64_t unix_now_ns(void)
+{
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Response code details of a local reply's flag (Envoy's ResponseCodeDetails). */
+static const char *flag_details(int f)
+{
+        switch (f) {
+        case WP_AL_FLAG_NR:
+                return "route_not_found";
+        case WP_AL_FLAG_UH:
+                return "no_healthy_upstream";
+        case WP_AL_FLAG_UF:
+                return "upstream_reset_before_response_started{connection_failure}";
+        case WP_AL_FLAG_UC:
+                return "upstream_reset_before_response_started{connection_termination}";
+        case WP_AL_FLAG_UPE:
+                return "upstream_reset_before_response_started{protocol_error}";
+        case WP_AL_FLAG_UT:
+                return "response_timeout";
+        case WP_AL_FLAG_NC:
+                return "cluster_not_found";
+        case WP_AL_FLAG_DPE:
+                return "codec_error";
+        case WP_AL_FLAG_DC:
+                return "downstream_remote_disconnect";
+        default:
+                return wp_al_flag_name((enum wp_al_flag)f);
+        }
+}
+
+/* Starts the telemetry of a request (its head, or the bytes that failed to parse). */
+static void t_record_begin(struct l7t *t, bool have_head)
+{
+        t->req_open = true;
+        t->have_head = have_head;
+        t->start_ns = wp_now_ns();
+        t->start_unix_ns = unix_now_ns();
+        t->resp_wire = 0;
+        t->req_body = 0;
+        t->resp_body = 0;
+        t->xflags = 0;
+}
+
+/*
+ * The current request is finished (response sent, local reply, or failure): one observation in
+ * the Istio HTTP metrics and one line per matching access log of the chain. Once per request.
+ * resp: the response sent downstream, when there is one to show to RESP().
+ */
+static void t_record(struct l7t *t, const struct wp_http_response *resp)
+{
+        struct wp_metrics_shard *sh = wp_worker_mshard(t->w);
+        const struct wp_http_request *req = t->have_head ? wp_h1_parser_request(t->parser) : NULL;
+        uint64_t now = wp_now_ns(), flags = t->xflags;
+        const char *details = NULL;
+        char flagbuf[128], principal[300], host[256];
+        struct wp_al_kv fs = {"envoy.filters.listener.original_dst.local_ip", t->target};
+        const struct sockaddr *ep = t->ep ? (const struct sockaddr *)&t->ep->addr : NULL;
+        const char *cluster = t->cluster ? t->cluster->name : NULL;
+
+        if (!t->req_open)
+                return;
+        t->req_open = false;
+        if (t->flag) {
+                int f = wp_al_flag_parse(t->flag, strlen(t->flag));
+
+                if (f >= 0) {
+                        flags |= UINT64_C(1) << f;
+                        details = flag_details(f);
+                } else {
+                        details = t->flag;
+                }
+        } else if (t->status) {
+                details = "via_upstream";
+        } else if (flags & WP_AL_F(DC)) {
+                details = flag_details(WP_AL_FLAG_DC);
+        }
+        if (sh) {
+                struct wp_metrics_labels l = {0};
+                struct wp_telemetry_peer p = {
+                    .src = (const struct sockaddr *)&t->src,
+                    .peer_uri = t->peer_principal,
+                    .baggage = t->baggage,
+                    .dst = ep,
+                    .cluster = cluster,
+                };
+                struct wp_metrics_http obs = {
+                    .response_code = t->status,
+                    .grpc_status = -1,
+                    .duration_ms = (now - t->start_ns) / WP_NSEC_PER_MSEC,
+                    .request_bytes = t->req_wire,
+                    .response_bytes = t->resp_wire,
+                };
+
+                wp_worker_metric_labels(t->snap, &p, &l, principal, sizeof(principal));
+                if (!l.v[WP_ML_DESTINATION_SERVICE].p && req && req->authority) {
+                        /* no service metadata: the request's host, as Envoy */
+                        size_t n = strlen(req->authority);
+                        const char *colon = strrchr(req->authority, ':');
+                        const char *bracket = strrchr(req->authority, ']');
+
+                        if (colon && (!bracket || colon > bracket))
+                                n = (size_t)(colon - req->authority);
+                        if (n >= sizeof(host))
+                                n = sizeof(host) - 1;
+                        memcpy(host, req->authority, n);
+                        host[n] = 0;
+                        l.v[WP_ML_DESTINATION_SERVICE] = (struct wp_mstr){host, (uint32_t)n};
+                }
+                l.v[WP_ML_REQUEST_PROTOCOL] = (struct wp_mstr){"http", 4};
+                wp_al_flags_format(flags, flagbuf, sizeof(flagbuf));
+                l.v[WP_ML_RESPONSE_FLAGS] = (struct wp_mstr){flagbuf, (uint32_t)strlen(flagbuf)};
+                if (resp) {
+                        uint32_t n;
+                        const char *g = wp_headers_get(&resp->headers, "grpc-status", &n);
+
+                        if (g && n > 0 && n < 4) {
+                                int v = 0;
+
+                                for (uint32_t i = 0; i < n && v >= 0; i++)
+                                        v = g[i] >= '0' && g[i] <= '9' ? v * 10 + (g[i] - '0') : -1;
+                                obs.grpc_status = v;
+                        }
+                }
+                wp_metrics_record_http(sh, &l, &obs);
+        }
+        if (t->chain->nlogs) {
+                struct wp_al_ctx c = {
+                    .start_unix_ns = t->start_unix_ns,
+                    .start_ns = t->start_ns,
+                    .request_end_ns = t->req_done ? now : 0,
+                    .end_ns = now,
+                    .bytes_received = t->req_body,
+                    .bytes_sent = t->resp_body,
+                    .response_flags = flags,
+                    .response_code = t->status,
+                    .upstream_request_attempt_count = t->attempts,
+                    .req = req,
+                    .resp = resp,
+                    .response_code_details = details,
+                    .upstream_cluster = cluster,
+                    .route_name = t->res.action != WP_ROUTE_ACTION_NONE ? t->res.route_name : NULL,
+                    .downstream_peer_uri_san = t->peer_principal,
+                    .upstream_host = ep,
+                    .downstream_local = (const struct sockaddr *)&t->dst,
+                    .downstream_remote = (const struct sockaddr *)&t->src,
+                    .filter_state = &fs,
+                    .n_filter_state = 1,
+                };
+
+                if (t->src.ss_family != AF_INET && t->src.ss_family != AF_INET6)
+                        c.downstream_remote = NULL;
+                wp_worker_access_log(t->w, t->chain, &c);
+        }
+        t->req_wire = 0;
+        t->resp_wire = 0;
+}
+
 /* Ends the current request's bookkeeping (LB counts, filters, timers). */
 static void req_cleanup(struct l7t *t)
 {
@@ -450,6 +624,7 @@ static void t_request_done(struct l7t *t)
         wp_debug("l7", "[T%lu] %u %s %s attempts %u, %lu us", (unsigned long)t->id, t->status,
                  t->flag ? t->flag : "-", t->ep ? t->ep->authority : "-", t->attempts,
                  (unsigned long)((wp_now_ns() - t->start_ns) / 1000));
+        t_record(t, NULL);
         req_cleanup(t);
         if (t->close_after || (t->eof_in && !t->rx.len)) {
                 t->state = S_CLOSING;
@@ -501,11 +676,14 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
         dbuf_clear(&t->scratch);
         if (r == 0)
                 DBUF_WRITE(&t->scratch, wp_h1_write_response_head(&wb, &resp), r);
-        wp_headers_done(&resp.headers);
-        if (r == 0 && blen && !t->is_head)
+        if (r == 0 && blen && !t->is_head) {
                 r = dbuf_append(&t->scratch, body, blen);
+                t->resp_body += blen;
+        }
         if (r == 0)
                 r = down_send(t, dbuf_data(&t->scratch), t->scratch.len);
+        t_record(t, r == 0 ? &resp : NULL);
+        wp_headers_done(&resp.headers);
         wp_debug("l7", "[T%lu] local reply %u (%s)%s", (unsigned long)t->id, status,
                  flag ? flag : "-", close ? ", closing" : "");
         t->resp_started = true;
@@ -936,6 +1114,7 @@ static void t_abort(struct l7t *t, uint32_t code)
                 up_release(t->up, false);
                 t->up = NULL;
         }
+        t_record(t, NULL);
         req_cleanup(t);
         t->state = S_CLOSING;
         if (t->down) {
@@ -1017,6 +1196,7 @@ static void t_upstream_failed(struct l7t *t, bool connect_failure, const char *w
         wp_debug("l7", "[T%lu] upstream %s failed: %s", (unsigned long)t->id,
                  t->ep ? t->ep->authority : "?", why);
         if (t->resp_started) {
+                t->flag = "UC";
                 t_abort(t, HBONE_H2_CONNECT_ERROR);
                 return;
         }
@@ -1024,6 +1204,8 @@ static void t_upstream_failed(struct l7t *t, bool connect_failure, const char *w
                 t_schedule_retry(t);
                 return;
         }
+        if (t->res.retry && t->res.retry->num_retries && t->attempts > 1)
+                t->xflags |= WP_AL_F(URX);
         t_local_reply(t, 503,
                       connect_failure
                           ? "upstream connect error or disconnect/reset before headers. "
@@ -1038,6 +1220,7 @@ static void on_timeout(struct wp_timer *tm)
         struct l7t *t = container_of(tm, struct l7t, timeout);
 
         if (t->resp_started) {
+                t->flag = "UT";
                 t_abort(t, HBONE_H2_CANCEL);
                 return;
         }
@@ -1063,6 +1246,8 @@ static void on_per_try(struct wp_timer *tm)
                 t_schedule_retry(t);
                 return;
         }
+        if (t->res.retry && t->res.retry->num_retries && t->attempts > 1)
+                t->xflags |= WP_AL_F(URX);
         t_local_reply(t, 504, "upstream request timeout", NULL, false, "UT");
 }
 
@@ -1252,7 +1437,7 @@ static void t_on_request_head(struct l7t *t)
         t->attempts = 0;
         t->flag = NULL;
         t->status = 0;
-        t->start_ns = wp_now_ns();
+        t_record_begin(t, true);
         t->upgrade_ok = false;
         t->copy_ok = false;
         t->is_head = !strcmp(req->method, "HEAD");
@@ -1414,6 +1599,15 @@ static void t_parse_error(struct l7t *t)
         }
         t->res.action = WP_ROUTE_ACTION_NONE;
         t->is_head = false;
+        if (t->state == S_IDLE) {
+                /* no head: recorded as a request of its own */
+                t->flag = NULL;
+                t->status = 0;
+                t->attempts = 0;
+                t->cluster = NULL;
+                t->ep = NULL;
+                t_record_begin(t, false);
+        }
         t_local_reply(t, status, e ? wp_h1_error_str(e) : "Bad Request", NULL, true, "DPE");
 }
 
@@ -1448,6 +1642,8 @@ static void t_process_once(struct l7t *t)
                                         return;
                                 }
                                 rx_consume(t, len);
+                                t->req_wire += len;
+                                t->req_body += len;
                         }
                         if (t->eof_in && !t->rx.len && t->up && !t->up->txq.len) {
                                 if (t->up->hbone && t->up->st) {
@@ -1497,6 +1693,8 @@ static void t_process_once(struct l7t *t)
                         return;
                 }
                 rx_consume(t, (size_t)n); /* ev.data stays readable: nothing is appended here */
+                if (t->state == S_IDLE || t->req_open)
+                        t->req_wire += (uint64_t)n;
                 switch (ev.type) {
                 case WP_H1_EV_NONE:
                         if (t->eof_in) {
@@ -1525,6 +1723,8 @@ static void t_process_once(struct l7t *t)
                                 t_on_request_head(t);
                         break;
                 case WP_H1_EV_BODY:
+                        if (t->req_open)
+                                t->req_body += ev.len;
                         if (t->state == S_REQ && t_body_up(t, ev.data, ev.len) < 0) {
                                 t_abort(t, HBONE_H2_INTERNAL_ERROR);
                                 return;
@@ -1560,6 +1760,7 @@ static int t_resp_body(struct l7t *t, const uint8_t *d, size_t n)
 
         if (!n || t->is_head)
                 return 0;
+        t->resp_body += n;
         if (!t->resp_chunked)
                 return down_send(t, d, n);
         dbuf_clear(&t->scratch);
@@ -1639,6 +1840,8 @@ static void t_response_done(struct l7t *t)
                 if (r == 0)
                         r = down_send(t, dbuf_data(&t->scratch), t->scratch.len);
         }
+        if (r == 0)
+                t_record(t, wp_h1_parser_response(up->parser));
         reuse =
             wp_h1_parser_info(up->parser)->keep_alive && t->req_done && !up->eof_in && !up->rx.len;
         if (!t->req_done)
@@ -1674,6 +1877,7 @@ static void t_process_up(struct l7t *t)
                                         t_abort(t, HBONE_H2_INTERNAL_ERROR);
                                         return;
                                 }
+                                t->resp_body += len;
                                 up_rx_consumed(up, len);
                                 continue;
                         }
@@ -1762,6 +1966,9 @@ static void t_process_up(struct l7t *t)
 
 static void t_free(struct l7t *t)
 {
+        if (t->req_open && t->state == S_REQ)
+                t->xflags |= WP_AL_F(DC); /* the downstream went away mid-request */
+        t_record(t, t->up && t->resp_started ? wp_h1_parser_response(t->up->parser) : NULL);
         if (t->up) {
                 up_release(t->up, false);
                 t->up = NULL;
@@ -1845,6 +2052,8 @@ int wp_l7_tunnel_start(const struct wp_l7_start *s)
                 t->src = *peer;
         memcpy(&t->dst, &s->req->target.addr, s->req->target.addrlen);
         snprintf(t->target, sizeof(t->target), "%s", s->req->authority);
+        if (s->req->baggage)
+                snprintf(t->baggage, sizeof(t->baggage), "%s", s->req->baggage);
         t->filter_state_size = fsz;
         t->timeout.on_fire = on_timeout;
         t->backoff.on_fire = on_backoff;

@@ -63,6 +63,35 @@ void wp_l7_worker_drain(void);
 void wp_l7_worker_done(void);
 
 /*
+ * Telemetry shared by L4 tunnels (worker.c) and L7 requests (implemented in worker.c).
+ */
+struct wp_metrics_labels;
+struct wp_metrics_shard;
+struct wp_al_ctx;
+
+/* What a tunnel or request is labelled from (every pointer may be NULL). */
+struct wp_telemetry_peer {
+        const struct sockaddr *src; /* downstream peer address (WDS lookup) */
+        const char *peer_uri;       /* its certificate's URI SAN */
+        const char *baggage;        /* the CONNECT's baggage header */
+        const struct sockaddr *dst; /* the chosen endpoint's address */
+        const char *cluster;        /* the cluster the endpoint belongs to */
+};
+
+/* Sets the Istio labels common to TCP and HTTP in *l (zero it first): source_* from WDS by
+ * source IP, else from baggage, and the peer's SAN; destination_* from the endpoint's WDS
+ * workload and destination_service* from the cluster's istio metadata (left unset when the
+ * cluster has none); connection_security_policy mutual_tls. Views borrow from snap, p and
+ * principal_buf (the destination principal is formatted there). */
+void wp_worker_metric_labels(const struct wp_snapshot *snap, const struct wp_telemetry_peer *p,
+                             struct wp_metrics_labels *l, char *principal_buf, size_t cap);
+/* The worker's metrics shard, or NULL when metrics are off. */
+struct wp_metrics_shard *wp_worker_mshard(struct wp_worker *w);
+/* Writes c's line (one write(2) each) to every access log of chain ch whose filter matches,
+ * rendered into a per-worker buffer. */
+void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const struct wp_al_ctx *c);
+
+/*
  * Access to the worker's upstream HBONE pool (implemented in worker.c). A request for a
  * connection to addr (pod IP; the port is replaced by hbone_port) counts as a user of the
  * pooled connection until wp_worker_pool_put().

@@ -26,10 +26,15 @@
 #include <string.h>
 #include <strings.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.pb-c.h"
 #include "filters/filter.h"
 #include "hbone/hbone.h"
+#include "waypoint/accesslog.h"
 #include "waypoint/base/alloc.h"
+#include "waypoint/base/log.h"
 #include "waypoint/lb.h"
 #include "waypoint/router.h"
 #include "waypoint/wds.h"
@@ -481,6 +486,69 @@ static bool is_optional_filter(const char *name)
         return false;
 }
 
+/*
+ * Compiles the access_log entries of chain ch's terminal filter (tcp_proxy or HCM): each into a
+ * logger, its file opened now (O_APPEND). Entries the formatter does not support (gRPC ALS,
+ * OpenTelemetry, CEL filters...) are skipped with a warning; an invalid one is a NACK.
+ */
+static int compile_access_logs(struct build *b, const char *where,
+                               Envoy__Config__Accesslog__V3__AccessLog *const *als, size_t n,
+                               struct wp_chain *ch)
+{
+        if (!n)
+                return 0;
+        ch->logs = wp_calloc(n, sizeof(*ch->logs));
+        if (!ch->logs)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                struct wp_al_logger *l = NULL;
+                const char *err = NULL, *path = NULL;
+                int r = wp_al_logger_new(als[i], &l, &err), fd;
+
+                if (r == -EOPNOTSUPP) {
+                        wp_warn("snapshot", "%s.typed_config.access_log[%zu] (%s): skipped: %s",
+                                where, i, als[i]->name ? als[i]->name : "", err ? err : "unsupported");
+                        continue;
+                }
+                if (r == -ENOMEM)
+                        return r;
+                if (r < 0)
+                        return fail(b, "%s.typed_config.access_log[%zu] (%s): %s", where, i,
+                                    als[i]->name ? als[i]->name : "", err ? err : "invalid");
+                switch (wp_al_logger_sink(l, &path)) {
+                case WP_AL_SINK_STDERR:
+                        fd = STDERR_FILENO;
+                        break;
+                case WP_AL_SINK_FILE:
+                        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+                        if (fd < 0) {
+                                r = errno;
+                                wp_al_logger_free(l);
+                                return fail(b, "%s.typed_config.access_log[%zu].path %s: %s",
+                                            where, i, path, strerror(r));
+                        }
+                        break;
+                default:
+                        fd = STDOUT_FILENO;
+                        break;
+                }
+                ch->logs[ch->nlogs++] = (struct wp_chain_log){.logger = l, .fd = fd};
+        }
+        return 0;
+}
+
+static void chain_logs_free(struct wp_chain *ch)
+{
+        for (size_t i = 0; i < ch->nlogs; i++) {
+                if (ch->logs[i].fd > STDERR_FILENO)
+                        close(ch->logs[i].fd);
+                wp_al_logger_free(ch->logs[i].logger);
+        }
+        wp_free(ch->logs);
+        ch->logs = NULL;
+        ch->nlogs = 0;
+}
+
 /* ---- HTTP connection manager chains ---- */
 
 /* HTTP filters istiod always emits that change nothing we enforce (telemetry, peer metadata,
@@ -679,6 +747,9 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
                 }
                 h->websocket = !uc->enabled || uc->enabled->value;
         }
+        r = compile_access_logs(b, where, hcm->access_log, hcm->n_access_log, ch);
+        if (r < 0)
+                goto out;
         if (hcm->route_specifier_case ==
             ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_ROUTE_CONFIG) {
                 rc = hcm->route_config;
@@ -792,6 +863,15 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                         } else {
                                 r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: tcp_proxy without cluster",
                                          idx, fc->name, i);
+                        }
+                        if (r == 0) {
+                                char where[320];
+
+                                snprintf(where, sizeof(where),
+                                         "Listener main_internal: filter_chains[%zu] (%s).filters[%zu]",
+                                         idx, fc->name, i);
+                                r = compile_access_logs(b, where, tp->access_log, tp->n_access_log,
+                                                        ch);
                         }
                         xds_pbjson_message_free(&tp->base);
                         if (r < 0)
@@ -1309,6 +1389,7 @@ static void snapshot_free(struct wp_snapshot *s)
                 wp_free(s->chains[i].clusters);
                 wp_free(s->chains[i].unsupported);
                 http_conf_free(s->chains[i].http);
+                chain_logs_free(&s->chains[i]);
         }
         wp_free(s->chains);
         for (size_t i = 0; i < s->nclusters; i++) {

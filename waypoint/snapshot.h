@@ -23,6 +23,7 @@ struct wp_lb;
 struct wp_route_table;
 struct wp_name_map;
 struct wp_wds;
+struct wp_al_logger;
 
 #define WP_AUTHORITY_MAX 64
 
@@ -73,6 +74,12 @@ struct wp_weighted_cluster {
         uint32_t weight;
 };
 
+/* One compiled access_log entry of a chain (tcp_proxy's or the HCM's). */
+struct wp_chain_log {
+        struct wp_al_logger *logger;
+        int fd; /* where its lines go: 1 (stdout), 2 (stderr) or a file opened at build */
+};
+
 struct wp_chain {
         char *name;
         enum wp_chain_kind kind;
@@ -81,6 +88,8 @@ struct wp_chain {
         uint32_t total_weight;
         char *unsupported; /* WP_CHAIN_UNSUPPORTED: what is missing (e.g. the filter name) */
         struct wp_http_conf *http; /* WP_CHAIN_HTTP */
+        struct wp_chain_log *logs; /* access_log entries (unsupported ones skipped) */
+        size_t nlogs;
 };
 
 struct wp_match_node; /* compiled matcher tree (snapshot.c) */

@@ -7,10 +7,12 @@
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hbone/conn.h"
 #include "hbone/relay.h"
+#include "waypoint/accesslog.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/list.h"
 #include "waypoint/base/log.h"
@@ -90,6 +92,12 @@ struct tunnel {
         char baggage[512];
         struct wp_metrics_tcp *mtcp;
         const char *cluster; /* name of the cluster t->ep belongs to (snapshot-owned) */
+        /* access log */
+        const struct wp_chain *chainp; /* the chain serving it (snapshot-owned), or NULL */
+        struct sockaddr_storage dst;   /* the tunnel's target */
+        int64_t start_unix_ns;
+        uint64_t al_flags;      /* WP_AL_F(...) */
+        const char *al_details; /* static */
 };
 
 struct wp_worker {
@@ -114,6 +122,7 @@ struct wp_worker {
         _Atomic uint64_t counters[_WP_COUNTER_MAX];
         struct wp_timer drain_timer;
         struct wp_metrics_shard *mshard; /* this worker's metrics shard (plain stores) */
+        char al_buf[16384];              /* one access log line being written */
 };
 
 static void cnt_add(struct wp_worker *w, enum wp_counter c, int64_t d)
@@ -171,41 +180,113 @@ static struct wp_mstr mstr(const char *s)
         return s ? (struct wp_mstr){s, (uint32_t)strlen(s)} : (struct wp_mstr){NULL, 0};
 }
 
+void wp_worker_metric_labels(const struct wp_snapshot *snap, const struct wp_telemetry_peer *p,
+                             struct wp_metrics_labels *l, char *principal_buf, size_t cap)
+{
+        const Istio__Workload__Workload *src, *dst;
+        struct wp_service_meta svc;
+
+        if (!snap)
+                return;
+        src = p->src ? wp_wds_lookup(snap->wds, p->src) : NULL;
+        if (src)
+                wp_metrics_labels_source_from_workload(l, src);
+        else if (p->baggage && p->baggage[0])
+                wp_metrics_labels_source_from_baggage(l, p->baggage, strlen(p->baggage));
+        if (p->peer_uri)
+                wp_metrics_labels_set_source_principal(l, p->peer_uri, strlen(p->peer_uri));
+        if (p->dst) {
+                dst = wp_wds_lookup(snap->wds, p->dst);
+                wp_metrics_labels_destination_from_workload(l, dst);
+                if (dst && cap && wp_metrics_workload_principal(dst, principal_buf, cap) > 0)
+                        l->v[WP_ML_DESTINATION_PRINCIPAL] = mstr(principal_buf);
+        }
+        if (p->cluster) {
+                wp_cluster_service_meta(snap->res, p->cluster, &svc);
+                l->v[WP_ML_DESTINATION_SERVICE] = mstr(svc.host);
+                l->v[WP_ML_DESTINATION_SERVICE_NAME] = mstr(svc.name);
+                l->v[WP_ML_DESTINATION_SERVICE_NAMESPACE] = mstr(svc.namespace_);
+        }
+        l->v[WP_ML_CONNECTION_SECURITY_POLICY] = mstr("mutual_tls");
+}
+
+struct wp_metrics_shard *wp_worker_mshard(struct wp_worker *w)
+{
+        return w->mshard;
+}
+
+void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const struct wp_al_ctx *c)
+{
+        if (!ch)
+                return;
+        for (size_t i = 0; i < ch->nlogs; i++) {
+                ssize_t n = wp_al_logger_render(ch->logs[i].logger, c, w->al_buf,
+                                                sizeof(w->al_buf), NULL);
+
+                if (n > 0 && write(ch->logs[i].fd, w->al_buf, (size_t)n) < 0)
+                        wp_debug("accesslog", "write: %s", strerror(errno));
+        }
+}
+
+static int64_t unix_now_ns(void)
+{
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* istio_tcp_connections_opened_total and friends for an established L4 tunnel, labelled as
- * Envoy's istio.stats labels a waypoint's TCP traffic: the source from WDS (by source IP),
- * else from the CONNECT's baggage, and its certificate; the destination from the chosen
- * endpoint's WDS workload and the cluster's istio service metadata. */
+ * Envoy's istio.stats labels a waypoint's TCP traffic (wp_worker_metric_labels). */
 static void tunnel_metrics_open(struct tunnel *t)
 {
         struct wp_metrics_labels l = {0};
-        const Istio__Workload__Workload *src = NULL, *dst = NULL;
-        struct wp_service_meta svc;
         char dst_principal[300];
+        struct wp_telemetry_peer p = {
+                .src = (const struct sockaddr *)&t->src,
+                .peer_uri = t->peer_uri,
+                .baggage = t->baggage,
+                .dst = t->ep ? (const struct sockaddr *)&t->ep->addr : NULL,
+                .cluster = t->cluster,
+        };
 
         if (!t->w->mshard || !t->snap)
                 return;
-        src = wp_wds_lookup(t->snap->wds, (const struct sockaddr *)&t->src);
-        if (src)
-                wp_metrics_labels_source_from_workload(&l, src);
-        else if (t->baggage[0])
-                wp_metrics_labels_source_from_baggage(&l, t->baggage, strlen(t->baggage));
-        wp_metrics_labels_set_source_principal(&l, t->peer_uri, strlen(t->peer_uri));
-        if (t->ep) {
-                dst = wp_wds_lookup(t->snap->wds, (const struct sockaddr *)&t->ep->addr);
-                wp_metrics_labels_destination_from_workload(&l, dst);
-                if (dst && wp_metrics_workload_principal(dst, dst_principal,
-                                                         sizeof(dst_principal)) > 0)
-                        l.v[WP_ML_DESTINATION_PRINCIPAL] = mstr(dst_principal);
-        }
-        if (t->cluster) {
-                wp_cluster_service_meta(t->snap->res, t->cluster, &svc);
-                l.v[WP_ML_DESTINATION_SERVICE] = mstr(svc.host);
-                l.v[WP_ML_DESTINATION_SERVICE_NAME] = mstr(svc.name);
-                l.v[WP_ML_DESTINATION_SERVICE_NAMESPACE] = mstr(svc.namespace_);
-        }
+        wp_worker_metric_labels(t->snap, &p, &l, dst_principal, sizeof(dst_principal));
         l.v[WP_ML_REQUEST_PROTOCOL] = mstr("tcp");
-        l.v[WP_ML_CONNECTION_SECURITY_POLICY] = mstr("mutual_tls");
         t->mtcp = wp_metrics_tcp_open(t->w->mshard, &l);
+}
+
+/* One access log line per tunnel that reached a chain, at its end. */
+static void tunnel_access_log(struct tunnel *t, struct hbone_relay *r)
+{
+        struct wp_al_kv fs = {"envoy.filters.listener.original_dst.local_ip", t->authority};
+        struct wp_al_ctx c = {
+                .start_unix_ns = t->start_unix_ns,
+                .start_ns = t->start_ns,
+                .end_ns = wp_now_ns(),
+                .bytes_received = hbone_relay_bytes_sent_up(r),
+                .bytes_sent = hbone_relay_bytes_sent_down(r),
+                .response_flags = t->al_flags,
+                .response_code_details = t->al_details,
+                .upstream_cluster = t->cluster,
+                .downstream_peer_uri_san = t->peer_uri,
+                .upstream_host = t->ep ? (const struct sockaddr *)&t->ep->addr : NULL,
+                .downstream_local = (const struct sockaddr *)&t->dst,
+                .downstream_remote = (const struct sockaddr *)&t->src,
+                .filter_state = &fs,
+                .n_filter_state = 1,
+        };
+
+        if (!t->chainp || !t->chainp->nlogs)
+                return;
+        if (c.end_ns > c.start_ns)
+                c.request_end_ns = c.end_ns;
+        if (t->dst.ss_family != AF_INET && t->dst.ss_family != AF_INET6)
+                c.downstream_local = NULL;
+        if (t->src.ss_family != AF_INET && t->src.ss_family != AF_INET6)
+                c.downstream_remote = NULL;
+        wp_worker_access_log(t->w, t->chainp, &c);
 }
 
 static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, unsigned status,
@@ -222,6 +303,8 @@ static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, 
         }
         if (res == HBONE_RELAY_DOWNSTREAM_GONE)
                 return;
+        if (!t->al_flags && !t->al_details)
+                t->al_flags = status == 504 ? WP_AL_F(UT) : WP_AL_F(UF);
         cnt_add(t->w, WP_C_TUNNEL_UPSTREAM_FAIL, 1);
         wp_info("tunnel", "[T%lu] %s -> %s via %s: upstream failed (result %d, status %u)", t->id,
                 t->peer, t->authority, t->ep ? t->ep->authority : "?", (int)res, status);
@@ -238,6 +321,7 @@ static void on_relay_done(struct hbone_relay *r, void *user)
                 wp_metrics_tcp_close(t->mtcp);
                 t->mtcp = NULL;
         }
+        tunnel_access_log(t, r);
         cnt_add(t->w, WP_C_BYTES_UP, (int64_t)hbone_relay_bytes_sent_up(r));
         cnt_add(t->w, WP_C_BYTES_DOWN, (int64_t)hbone_relay_bytes_sent_down(r));
         wp_debug("tunnel", "[T%lu] %s -> %s closed: %lu bytes up, %lu down, %lu ms", t->id,
@@ -623,6 +707,9 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         t->w = w;
         t->id = ++w->next_id;
         t->start_ns = wp_now_ns();
+        t->start_unix_ns = unix_now_ns();
+        if (req->target.is_ip && req->target.addrlen <= sizeof(t->dst))
+                memcpy(&t->dst, &req->target.addr, req->target.addrlen);
         wp_list_init(&t->wait_link);
         snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
         format_peer(hbone_conn_peer_addr(conn), t->peer, sizeof(t->peer));
@@ -664,7 +751,9 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 return 0;
         }
         snprintf(t->chain, sizeof(t->chain), "%s", chain->name);
+        t->chainp = chain;
         if (chain->kind == WP_CHAIN_UNSUPPORTED) {
+                t->al_details = "unsupported_chain";
                 cnt_add(w, WP_C_TUNNEL_UNSUPPORTED, 1);
                 wp_info("tunnel", "[T%lu] -> %s: chain %s needs %s, not supported yet", t->id,
                         t->authority, chain->name, chain->unsupported);
@@ -690,6 +779,7 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 }
         }
         if (!t->ep) {
+                t->al_flags |= WP_AL_F(UH);
                 cnt_add(w, WP_C_TUNNEL_NO_ENDPOINT, 1);
                 wp_info("tunnel", "[T%lu] -> %s: no healthy endpoint in %s", t->id, t->authority,
                         chain->name);
