@@ -99,7 +99,6 @@ int wp_worker_start(struct wp_runtime *rt, unsigned idx, struct wp_worker **ret,
                     const char **reterr_desc);
 void wp_worker_wake(struct wp_worker *w);
 void wp_worker_join(struct wp_worker *w);
-void wp_worker_free(struct wp_worker *w);
 uint64_t wp_worker_counter(const struct wp_worker *w, enum wp_counter c);
 
 /* admin.c: blocking HTTP/1.1 admin server on its own thread. */

@@ -565,14 +565,14 @@ int main(int argc, char **argv)
                 wp_worker_wake(rt.workers[i]);
         for (unsigned i = 0; i < rt.nworkers; i++)
                 wp_worker_join(rt.workers[i]);
-        for (unsigned i = 0; i < rt.nworkers; i++)
-                wp_worker_free(rt.workers[i]);
+        /* The admin threads keep serving until the process exits and read the workers'
+         * counters, the metrics registry and the bootstrap's strings: those stay (reachable
+         * from statics) rather than being freed under them. Refcounted state goes (with no
+         * workers left to wake). */
         rt.nworkers = 0;
-        wp_free(rt.workers);
         wp_runtime_publish(&rt, NULL);
         wp_tls_ctx_unref(rt.server_tls);
         wp_tls_ctx_unref(rt.client_tls);
-        wp_bootstrap_done(&bs);
         wp_info("main", "exit");
         return 0;
 }

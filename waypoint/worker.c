@@ -1141,8 +1141,3 @@ void wp_worker_join(struct wp_worker *w)
         wp_tls_ctx_unref(w->client_tls);
         w->loop = wp_loop_free(w->loop);
 }
-
-void wp_worker_free(struct wp_worker *w)
-{
-        wp_free(w);
-}
