@@ -464,6 +464,7 @@ static int run_stream(struct wp_control *c)
                         synced = true;
                         c->xds_backoff_ms = 0;
                 }
+                wp_snapshot_reap();
                 if (xds_grpc_session_tick(c->grpc, now, &next) < 0) {
                         wp_warn("xds", "istiod did not answer keepalive PINGs");
                         r = -ETIMEDOUT;
@@ -524,6 +525,7 @@ static void *control_main(void *arg)
         struct wp_control *c = arg;
 
         while (!atomic_load(&c->stop)) {
+                wp_snapshot_reap();
                 if (!c->static_identity && !c->have_cert) {
                         identity_refresh(c);
                         if (!c->have_cert) {
@@ -608,6 +610,7 @@ int wp_control_start(struct wp_runtime *rt, struct wp_bootstrap *bs, bool static
                 wp_info("control", "node %s, xDS %s (%s), CA %s", bs->node_id, bs->xds_address,
                         bs->sotw ? "SotW" : "delta", static_identity ? "static" : bs->ca_address);
         }
+        wp_snapshot_reaper_enable(true);
         r = -pthread_create(&c->thread, NULL, control_main, c);
         if (r < 0)
                 goto err;
@@ -626,10 +629,12 @@ void wp_control_stop(struct wp_control *c)
                 return;
         if (c->thread) {
                 atomic_store(&c->stop, true);
+                wp_snapshot_reaper_enable(false);
                 if (write(c->stop_fd, &one, sizeof(one)) < 0) {
                         /* eventfd write cannot fail short of overflow */
                 }
                 pthread_join(c->thread, NULL);
+                wp_snapshot_reap();
         }
         stream_teardown(c);
         c->ads = xds_ads_free(c->ads);

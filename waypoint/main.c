@@ -571,6 +571,7 @@ int main(int argc, char **argv)
          * workers left to wake). */
         rt.nworkers = 0;
         wp_runtime_publish(&rt, NULL);
+        wp_snapshot_reap(); /* whatever workers queued before the reaper stopped */
         wp_tls_ctx_unref(rt.server_tls);
         wp_tls_ctx_unref(rt.client_tls);
         wp_info("main", "exit");

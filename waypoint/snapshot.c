@@ -1536,9 +1536,37 @@ struct wp_snapshot *wp_snapshot_ref(struct wp_snapshot *s)
         return s;
 }
 
+static _Atomic bool reaper_on;
+static struct wp_snapshot *_Atomic dead_list;
+
+void wp_snapshot_reaper_enable(bool on)
+{
+        atomic_store(&reaper_on, on);
+}
+
+void wp_snapshot_reap(void)
+{
+        struct wp_snapshot *s = atomic_exchange(&dead_list, NULL);
+
+        while (s) {
+                struct wp_snapshot *next = s->next_dead;
+
+                snapshot_free(s);
+                s = next;
+        }
+}
+
 struct wp_snapshot *wp_snapshot_unref(struct wp_snapshot *s)
 {
-        if (s && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+        if (!s || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+                return NULL;
+        if (!atomic_load(&reaper_on)) {
                 snapshot_free(s);
+                return NULL;
+        }
+        /* push on the lock-free list; only the reaper pops (all at once), so no ABA */
+        s->next_dead = atomic_load(&dead_list);
+        while (!atomic_compare_exchange_weak(&dead_list, &s->next_dead, s))
+                ;
         return NULL;
 }

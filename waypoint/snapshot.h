@@ -96,6 +96,7 @@ struct wp_match_node; /* compiled matcher tree (snapshot.c) */
 
 struct wp_snapshot {
         _Atomic unsigned refs;
+        struct wp_snapshot *next_dead; /* on the reaper's list once unreferenced */
         uint64_t version;
         struct wp_chain *chains;
         size_t nchains;
@@ -118,6 +119,12 @@ struct wp_snapshot {
 int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char **reterr_desc);
 struct wp_snapshot *wp_snapshot_ref(struct wp_snapshot *s);
 struct wp_snapshot *wp_snapshot_unref(struct wp_snapshot *s); /* NULL-safe, returns NULL */
+/* Freeing a large snapshot takes tens of milliseconds (its decoded resources): with a reaper
+ * enabled, the last unref only queues it (lock-free) and wp_snapshot_reap(), called by the
+ * control thread, frees the queue, so a worker dropping the last tunnel of an old config
+ * never stalls. Without a reaper the last unref frees at once. */
+void wp_snapshot_reaper_enable(bool on);
+void wp_snapshot_reap(void);
 
 /* The chain serving destination addr (AF_INET/AF_INET6 with port), or NULL: not served. */
 const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr);

@@ -464,6 +464,25 @@ static void test_cluster_rejects_unsupported_lb_policy(void)
                               1, "lb_policy", NULL);
 }
 
+
+/* With the reaper on, the last unref only queues the snapshot (a worker must not pay for the
+ * free); wp_snapshot_reap() frees it. Under ASan, reading it after the unref would be a
+ * use-after-free if it had been freed there. */
+static void test_last_unref_defers_to_the_reaper(void)
+{
+        struct wp_snapshot *s = NULL;
+        char *err = NULL;
+        size_t nchains;
+
+        REQUIRE(build_text(demo_json, &s, &err) == 0);
+        nchains = s->nchains;
+        wp_snapshot_reaper_enable(true);
+        wp_snapshot_unref(s);
+        CHECK_INT_EQ(s->nchains, nchains); /* still allocated: queued */
+        wp_snapshot_reap();
+        wp_snapshot_reaper_enable(false);
+}
+
 static int build_once(void *arg)
 {
         struct xds_resources *res = NULL;
@@ -547,6 +566,7 @@ int main(void)
         RUN(test_hcm_rejects_bad_route_config_naming_field);
         RUN(test_hcm_rejects_bad_rbac_config);
         RUN(test_cluster_rejects_unsupported_lb_policy);
+        RUN(test_last_unref_defers_to_the_reaper);
         RUN(test_build_survives_allocation_failures);
         RUN(test_fixture_build_survives_allocation_failures);
         free(demo_json);
