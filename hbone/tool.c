@@ -61,35 +61,17 @@ static int parse_addr(const char *s, struct sockaddr_storage *ss, socklen_t *len
 
 static int load_tls(bool server)
 {
-        char *cert = NULL, *key = NULL, *root = NULL;
-        const char *err = NULL;
+        char err[256];
         int r;
 
         if (!T.cert || !T.key || !T.root) {
                 fprintf(stderr, "hbone: --cert, --key and --root are required\n");
                 return -EINVAL;
         }
-        if ((r = wp_read_file(T.cert, 1 << 20, &cert, NULL)) < 0 ||
-            (r = wp_read_file(T.key, 1 << 20, &key, NULL)) < 0 ||
-            (r = wp_read_file(T.root, 1 << 20, &root, NULL)) < 0) {
-                fprintf(stderr, "hbone: cannot read certificates: %s\n", strerror(-r));
-                goto out;
-        }
-        struct wp_tls_ctx_config cfg = {
-                .server = server,
-                .cert_chain_pem = cert,
-                .key_pem = key,
-                .root_pem = root,
-                .trust_domain = T.trust_domain,
-                .require_peer_cert = true,
-        };
-        r = wp_tls_ctx_new(&cfg, &T.tls, &err);
+        r = wp_tls_ctx_new_from_files(server, T.cert, T.key, T.root, T.trust_domain, &T.tls, err,
+                                      sizeof(err));
         if (r < 0)
-                fprintf(stderr, "hbone: TLS: %s\n", err ? err : strerror(-r));
-out:
-        wp_free(cert);
-        wp_free(key);
-        wp_free(root);
+                fprintf(stderr, "hbone: TLS: %s\n", err);
         return r;
 }
 

@@ -23,7 +23,6 @@
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
-#define PEM_MAX (1 << 20)
 
 static volatile sig_atomic_t got_signal;
 
@@ -376,46 +375,21 @@ static int parse_args(int argc, char **argv, struct wp_options *o)
 static int load_tls(struct wp_runtime *rt)
 {
         const struct wp_options *o = &rt->opts;
-        char *cert = NULL, *key = NULL, *root = NULL;
-        const char *err = NULL;
-        int r;
+        char err[256];
 
         if (!o->cert_file || !o->key_file || !o->root_cert) {
                 wp_error("main", "--cert-file, --key-file and --root-cert go together");
                 return -EINVAL;
         }
-        if ((r = wp_read_file(o->cert_file, PEM_MAX, &cert, NULL)) < 0 ||
-            (r = wp_read_file(o->key_file, PEM_MAX, &key, NULL)) < 0 ||
-            (r = wp_read_file(o->root_cert, PEM_MAX, &root, NULL)) < 0) {
-                wp_error("main", "cannot read certificate files: %s", strerror(-r));
-                goto out;
-        }
-        struct wp_tls_ctx_config sc = {
-                .server = true,
-                .cert_chain_pem = cert,
-                .key_pem = key,
-                .root_pem = root,
-                .trust_domain = o->trust_domain,
-                .require_peer_cert = true,
-        };
-        r = wp_tls_ctx_new(&sc, &rt->server_tls, &err);
-        if (r < 0) {
-                wp_error("main", "server TLS: %s", err ? err : strerror(-r));
-                goto out;
-        }
-        struct wp_tls_ctx_config cc = sc;
-        cc.server = false;
-        r = wp_tls_ctx_new(&cc, &rt->client_tls, &err);
-        if (r < 0) {
-                wp_error("main", "client TLS: %s", err ? err : strerror(-r));
-                goto out;
+        if (wp_tls_ctx_new_from_files(true, o->cert_file, o->key_file, o->root_cert,
+                                      o->trust_domain, &rt->server_tls, err, sizeof(err)) < 0 ||
+            wp_tls_ctx_new_from_files(false, o->cert_file, o->key_file, o->root_cert,
+                                      o->trust_domain, &rt->client_tls, err, sizeof(err)) < 0) {
+                wp_error("main", "identity: %s", err);
+                return -EINVAL;
         }
         wp_info("main", "identity %s", wp_tls_ctx_own_uri(rt->server_tls));
-out:
-        wp_free(cert);
-        wp_free(key);
-        wp_free(root);
-        return r;
+        return 0;
 }
 
 static int load_config(struct wp_runtime *rt)

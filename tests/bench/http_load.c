@@ -466,31 +466,12 @@ static const struct hbone_conn_ops conn_ops = {
 
 static int load_tls(void)
 {
-        char *cert = NULL, *key = NULL, *root = NULL;
-        const char *err = NULL;
-        int r;
+        char err[256];
+        int r = wp_tls_ctx_new_from_files(false, G.cert, G.key, G.root, G.trust_domain, &G.tls,
+                                          err, sizeof(err));
 
-        if ((r = wp_read_file(G.cert, 1 << 20, &cert, NULL)) < 0 ||
-            (r = wp_read_file(G.key, 1 << 20, &key, NULL)) < 0 ||
-            (r = wp_read_file(G.root, 1 << 20, &root, NULL)) < 0) {
-                fprintf(stderr, "http_load: cannot read certificates: %s\n", strerror(-r));
-                goto out;
-        }
-        struct wp_tls_ctx_config cfg = {
-                .server = false,
-                .cert_chain_pem = cert,
-                .key_pem = key,
-                .root_pem = root,
-                .trust_domain = G.trust_domain,
-                .require_peer_cert = true,
-        };
-        r = wp_tls_ctx_new(&cfg, &G.tls, &err);
         if (r < 0)
-                fprintf(stderr, "http_load: TLS: %s\n", err ? err : strerror(-r));
-out:
-        wp_free(cert);
-        wp_free(key);
-        wp_free(root);
+                fprintf(stderr, "http_load: TLS: %s\n", err);
         return r;
 }
 

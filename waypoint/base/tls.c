@@ -732,3 +732,36 @@ const char *wp_tls_version(const struct wp_tls *t)
 {
         return SSL_get_version(t->ssl);
 }
+
+int wp_tls_ctx_new_from_files(bool server, const char *cert_file, const char *key_file,
+                              const char *root_file, const char *trust_domain,
+                              struct wp_tls_ctx **ret, char *errbuf, size_t errcap)
+{
+        const char *files[3] = {cert_file, key_file, root_file};
+        char *pem[3] = {NULL, NULL, NULL};
+        const char *err = NULL;
+        int r = 0;
+
+        for (int i = 0; i < 3 && r >= 0; i++) {
+                r = wp_read_file(files[i], 1 << 20, &pem[i], NULL);
+                if (r < 0)
+                        snprintf(errbuf, errcap, "cannot read %s: %s", files[i], strerror(-r));
+        }
+        if (r >= 0) {
+                struct wp_tls_ctx_config cfg = {
+                        .server = server,
+                        .cert_chain_pem = pem[0],
+                        .key_pem = pem[1],
+                        .root_pem = pem[2],
+                        .trust_domain = trust_domain,
+                        .require_peer_cert = true,
+                };
+
+                r = wp_tls_ctx_new(&cfg, ret, &err);
+                if (r < 0)
+                        snprintf(errbuf, errcap, "%s", err ? err : strerror(-r));
+        }
+        for (int i = 0; i < 3; i++)
+                wp_free(pem[i]);
+        return r;
+}

@@ -41,6 +41,13 @@ const char *wp_tls_ctx_own_uri(const struct wp_tls_ctx *ctx);
 /* notAfter of our own leaf certificate, seconds since the epoch. */
 int64_t wp_tls_ctx_own_not_after(const struct wp_tls_ctx *ctx);
 
+/* wp_tls_ctx_new() from PEM files (certificate chain, key, roots; each at most 1 MiB). The
+ * description of a failure is written to errbuf ("cannot read <path>: ..." or the context's
+ * error). Returns 0 or -errno. */
+int wp_tls_ctx_new_from_files(bool server, const char *cert_file, const char *key_file,
+                              const char *root_file, const char *trust_domain,
+                              struct wp_tls_ctx **ret, char *errbuf, size_t errcap);
+
 /* One connection. Takes a reference on ctx. Returns 0 or -ENOMEM. */
 int wp_tls_new(struct wp_tls_ctx *ctx, struct wp_tls **ret);
 struct wp_tls *wp_tls_free(struct wp_tls *t); /* NULL-safe, returns NULL */
