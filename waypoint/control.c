@@ -220,21 +220,14 @@ static int on_update(struct xds_resources *res, char **reterr_desc, void *user)
         return 0;
 }
 
-static void on_grpc_message(struct xds_grpc_stream *st, const uint8_t *msg, size_t len, void *user)
+static int on_grpc_message(struct xds_grpc_stream *st, const uint8_t *msg, size_t len, void *user)
 {
         struct wp_control *c = user;
-        int r = xds_ads_on_message(c->ads, msg, len);
 
-        if (r < 0) {
+        if (xds_ads_on_message(c->ads, msg, len) < 0) {
                 wp_warn("xds", "undecodable ADS response (%zu bytes): restarting the stream", len);
                 xds_grpc_stream_cancel(st);
         }
-}
-
-static int on_grpc_message_cb(struct xds_grpc_stream *st, const uint8_t *msg, size_t len,
-                              void *user)
-{
-        on_grpc_message(st, msg, len, user);
         return 0;
 }
 
@@ -256,7 +249,7 @@ static void on_grpc_goaway(struct xds_grpc_session *s, uint32_t err, void *user)
 }
 
 static const struct xds_grpc_callbacks grpc_cb = {
-        .on_message = on_grpc_message_cb,
+        .on_message = on_grpc_message,
         .on_close = on_grpc_close,
         .on_goaway = on_grpc_goaway,
 };
