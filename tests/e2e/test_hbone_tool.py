@@ -120,6 +120,85 @@ class HboneToolTest(AsyncTestCase):
         out, _ = await asyncio.to_thread(p.communicate, b'x', 30)
         self.assertEqual(p.returncode, 1)
 
+    async def wait_listen(self, p, addr, port):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.assertIsNone(p.poll(), 'hbone exited')
+            try:
+                socket.create_connection((addr, port), timeout=1).close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        self.fail('hbone did not listen on %s:%d' % (addr, port))
+
+    async def tcp_exchange(self, port, payload):
+        r, w = await asyncio.open_connection(self.ip, port)
+        w.write(payload)
+        await w.drain()
+        w.write_eof()
+        try:
+            return await asyncio.wait_for(r.read(), 30)
+        finally:
+            w.close()
+
+    async def test_hbone_forward_against_our_server(self):
+        dest = await self.server(self.ip, 15008, mode='echo')
+        p = self.spawn([hbone_bin(), 'forward', '--listen', self.ip + ':7000', '--server',
+                        self.ip + ':15008', '--authority', self.ip + ':9000', '--connections', '2',
+                        '--header', 'Baggage: k8s.deployment.name=fwd',
+                        '--io-backend', io_backend()] + pki_args('client'))
+        # connections are made on demand: the first accept triggers the first one
+        await self.wait_listen(p, self.ip, 7000)
+        payloads = [os.urandom(64 * KiB + i) for i in range(20)]
+        outs = await asyncio.gather(*[self.tcp_exchange(7000, d) for d in payloads])
+        self.assertEqual(outs, payloads)
+        recs = await dest.wait_records(21)  # the readiness probe above made one more
+        for rec in recs:
+            self.assertEqual(rec.authority, self.ip + ':9000')
+            self.assertEqual(rec.peer_uri_sans, [CLIENT_ID])
+            self.assertEqual(rec.headers.get('baggage'), 'k8s.deployment.name=fwd')
+            self.assertIsNone(rec.shape_error, rec.headers)
+        # spread over exactly --connections HBONE connections
+        self.assertEqual(len(dest.connections), 2)
+        # a refused tunnel resets its TCP connection; the next one works again
+        dest.mode = 'status'
+        r, w = await asyncio.open_connection(self.ip, 7000)
+        w.write(b'x')
+        try:
+            got = await asyncio.wait_for(r.read(), 10)
+            self.assertEqual(got, b'')
+        except ConnectionResetError:
+            pass
+        w.close()
+        dest.mode = 'echo'
+        self.assertEqual(await self.tcp_exchange(7000, b'again'), b'again')
+        self.assertIsNone(p.poll())
+
+    async def test_hbone_forward_server_down(self):
+        # nothing listens on the HBONE server: accepted connections are reset, the tool lives on
+        p = self.spawn([hbone_bin(), 'forward', '--listen', self.ip + ':7001', '--server',
+                        self.ip + ':15009', '--authority', self.ip + ':9000',
+                        '--connect-timeout-ms', '2000', '--io-backend', io_backend()] +
+                       pki_args('client'))
+        await self.wait_listen(p, self.ip, 7001)
+        for _ in range(3):
+            # the reset may even beat the client's connect() completion
+            try:
+                r, w = await asyncio.open_connection(self.ip, 7001)
+                w.write(b'x')
+                self.assertEqual(await asyncio.wait_for(r.read(), 10), b'')
+                w.close()
+            except ConnectionResetError:
+                pass
+        self.assertIsNone(p.poll())
+        # bad arguments: exit 2
+        q = self.spawn([hbone_bin(), 'forward', '--listen', self.ip + ':7002'] + pki_args('client'))
+        self.assertEqual(await asyncio.to_thread(q.wait, 10), 2)
+        q = self.spawn([hbone_bin(), 'forward', '--listen', self.ip + ':7002', '--server',
+                        self.ip + ':15008', '--authority', self.ip + ':9000', '--header', 'nocolon']
+                       + pki_args('client'))
+        self.assertEqual(await asyncio.to_thread(q.wait, 10), 2)
+
 
 if __name__ == '__main__':
     b = hbone_bin()
