@@ -142,8 +142,8 @@ static void relay_done(struct hbone_relay *r, void *user)
 }
 
 static const struct hbone_relay_ops relay_ops = {
-    .on_upstream_result = relay_result,
-    .on_done = relay_done,
+        .on_upstream_result = relay_result,
+        .on_done = relay_done,
 };
 
 static void connect_response(struct hbone_stream *st, unsigned status, void *user)
@@ -191,12 +191,12 @@ static int no_requests(struct hbone_session *s, struct hbone_stream *st,
 }
 
 static const struct hbone_callbacks connect_cb = {
-    .on_tunnel_request = no_requests,
-    .on_tunnel_response = connect_response,
-    .on_tunnel_data = hbone_relay_on_data,
-    .on_tunnel_eof = hbone_relay_on_eof,
-    .on_tunnel_writable = hbone_relay_on_writable,
-    .on_tunnel_close = connect_close,
+        .on_tunnel_request = no_requests,
+        .on_tunnel_response = connect_response,
+        .on_tunnel_data = hbone_relay_on_data,
+        .on_tunnel_eof = hbone_relay_on_eof,
+        .on_tunnel_writable = hbone_relay_on_writable,
+        .on_tunnel_close = connect_close,
 };
 
 static void connect_established(struct hbone_conn *c, void *user)
@@ -220,8 +220,8 @@ static void connect_closed(struct hbone_conn *c, int err, const char *why, void 
 }
 
 static const struct hbone_conn_ops connect_ops = {
-    .on_established = connect_established,
-    .on_closed = connect_closed,
+        .on_established = connect_established,
+        .on_closed = connect_closed,
 };
 
 static int run_connect(void)
@@ -241,13 +241,13 @@ static int run_connect(void)
         if (load_tls(false) < 0)
                 return 1;
         struct hbone_conn_config cfg = {
-            .loop = T.loop,
-            .tls_ctx = T.tls,
-            .lim = &T.lim,
-            .cb = &connect_cb,
-            .ops = &connect_ops,
-            .connect_timeout_ms = T.connect_timeout_ms,
-            .handshake_timeout_ms = T.connect_timeout_ms,
+                .loop = T.loop,
+                .tls_ctx = T.tls,
+                .lim = &T.lim,
+                .cb = &connect_cb,
+                .ops = &connect_ops,
+                .connect_timeout_ms = T.connect_timeout_ms,
+                .handshake_timeout_ms = T.connect_timeout_ms,
         };
         if (hbone_conn_connect(&cfg, (struct sockaddr *)&ss, len, &T.conn) < 0)
                 return 1;
@@ -270,11 +270,11 @@ static int serve_request(struct hbone_session *s, struct hbone_stream *st,
 {
         struct hbone_conn *c = session_user;
         struct hbone_relay_config rc = {
-            .loop = T.loop,
-            .ops = &relay_ops,
-            .user = &T, /* non-NULL: serve mode */
-            .connect_timeout_ms = T.connect_timeout_ms,
-            .error_header = "x-hbone-error",
+                .loop = T.loop,
+                .ops = &relay_ops,
+                .user = &T, /* non-NULL: serve mode */
+                .connect_timeout_ms = T.connect_timeout_ms,
+                .error_header = "x-hbone-error",
         };
         struct hbone_relay *r;
 
@@ -292,12 +292,12 @@ static int serve_request(struct hbone_session *s, struct hbone_stream *st,
 }
 
 static const struct hbone_callbacks serve_cb = {
-    .on_tunnel_request = serve_request,
-    .on_tunnel_response = hbone_relay_on_response,
-    .on_tunnel_data = hbone_relay_on_data,
-    .on_tunnel_eof = hbone_relay_on_eof,
-    .on_tunnel_writable = hbone_relay_on_writable,
-    .on_tunnel_close = hbone_relay_on_close,
+        .on_tunnel_request = serve_request,
+        .on_tunnel_response = hbone_relay_on_response,
+        .on_tunnel_data = hbone_relay_on_data,
+        .on_tunnel_eof = hbone_relay_on_eof,
+        .on_tunnel_writable = hbone_relay_on_writable,
+        .on_tunnel_close = hbone_relay_on_close,
 };
 
 static void serve_closed(struct hbone_conn *c, int err, const char *why, void *user)
@@ -318,12 +318,12 @@ static void on_accept(struct wp_op *op, int res)
 
         if (res >= 0) {
                 struct hbone_conn_config cfg = {
-                    .loop = T.loop,
-                    .tls_ctx = T.tls,
-                    .lim = &T.lim,
-                    .cb = &serve_cb,
-                    .ops = &serve_ops,
-                    .handshake_timeout_ms = 10000,
+                        .loop = T.loop,
+                        .tls_ctx = T.tls,
+                        .lim = &T.lim,
+                        .cb = &serve_cb,
+                        .ops = &serve_ops,
+                        .handshake_timeout_ms = 10000,
                 };
                 hbone_conn_accept(&cfg, res, &c);
         }
@@ -452,12 +452,12 @@ static void fwd_close(struct hbone_stream *st, uint32_t err, void *user)
 }
 
 static const struct hbone_callbacks fwd_cb = {
-    .on_tunnel_request = no_requests,
-    .on_tunnel_response = fwd_response,
-    .on_tunnel_data = hbone_relay_on_data,
-    .on_tunnel_eof = hbone_relay_on_eof,
-    .on_tunnel_writable = hbone_relay_on_writable,
-    .on_tunnel_close = fwd_close,
+        .on_tunnel_request = no_requests,
+        .on_tunnel_response = fwd_response,
+        .on_tunnel_data = hbone_relay_on_data,
+        .on_tunnel_eof = hbone_relay_on_eof,
+        .on_tunnel_writable = hbone_relay_on_writable,
+        .on_tunnel_close = fwd_close,
 };
 
 static void fwd_open(struct fwd_conn *fc, struct fwd_tunnel *t)
@@ -504,21 +504,21 @@ static void fwd_closed(struct hbone_conn *c, int err, const char *why, void *use
 }
 
 static const struct hbone_conn_ops fwd_ops = {
-    .on_established = fwd_established,
-    .on_closed = fwd_closed,
+        .on_established = fwd_established,
+        .on_closed = fwd_closed,
 };
 
 static struct fwd_conn *fwd_conn_new(void)
 {
         struct fwd_conn *fc = wp_calloc(1, sizeof(*fc));
         struct hbone_conn_config cfg = {
-            .loop = T.loop,
-            .tls_ctx = T.tls,
-            .lim = &T.lim,
-            .cb = &fwd_cb,
-            .ops = &fwd_ops,
-            .connect_timeout_ms = T.connect_timeout_ms,
-            .handshake_timeout_ms = T.connect_timeout_ms,
+                .loop = T.loop,
+                .tls_ctx = T.tls,
+                .lim = &T.lim,
+                .cb = &fwd_cb,
+                .ops = &fwd_ops,
+                .connect_timeout_ms = T.connect_timeout_ms,
+                .handshake_timeout_ms = T.connect_timeout_ms,
         };
 
         if (!fc)
@@ -624,34 +624,34 @@ static int add_header(char *arg)
 
 static void usage(FILE *f)
 {
-        fputs(
-            "usage: hbone connect --server IP:PORT --authority HOST:PORT --cert F --key F --root "
-            "F\n"
-            "       hbone serve --listen IP:PORT --cert F --key F --root F\n"
-            "       hbone forward --listen IP:PORT --server IP:PORT --authority HOST:PORT --cert "
-            "F\n"
-            "                     --key F --root F [--connections N] [--header 'name: value']...\n"
-            "options: --trust-domain TD, --io-backend uring|epoll|auto, --connect-timeout-ms MS, "
-            "-v\n",
-            f);
+        fputs("usage: hbone connect --server IP:PORT --authority HOST:PORT --cert F --key F --root "
+              "F\n"
+              "       hbone serve --listen IP:PORT --cert F --key F --root F\n"
+              "       hbone forward --listen IP:PORT --server IP:PORT --authority HOST:PORT --cert "
+              "F\n"
+              "                     --key F --root F [--connections N] [--header 'name: "
+              "value']...\n"
+              "options: --trust-domain TD, --io-backend uring|epoll|auto, --connect-timeout-ms MS, "
+              "-v\n",
+              f);
 }
 
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
-            {"server", required_argument, NULL, 's'},
-            {"authority", required_argument, NULL, 'a'},
-            {"listen", required_argument, NULL, 'l'},
-            {"cert", required_argument, NULL, 'c'},
-            {"key", required_argument, NULL, 'k'},
-            {"root", required_argument, NULL, 'r'},
-            {"trust-domain", required_argument, NULL, 't'},
-            {"io-backend", required_argument, NULL, 'b'},
-            {"connect-timeout-ms", required_argument, NULL, 'T'},
-            {"connections", required_argument, NULL, 'n'},
-            {"header", required_argument, NULL, 'H'},
-            {"help", no_argument, NULL, 'h'},
-            {NULL, 0, NULL, 0},
+                {"server", required_argument, NULL, 's'},
+                {"authority", required_argument, NULL, 'a'},
+                {"listen", required_argument, NULL, 'l'},
+                {"cert", required_argument, NULL, 'c'},
+                {"key", required_argument, NULL, 'k'},
+                {"root", required_argument, NULL, 'r'},
+                {"trust-domain", required_argument, NULL, 't'},
+                {"io-backend", required_argument, NULL, 'b'},
+                {"connect-timeout-ms", required_argument, NULL, 'T'},
+                {"connections", required_argument, NULL, 'n'},
+                {"header", required_argument, NULL, 'H'},
+                {"help", no_argument, NULL, 'h'},
+                {NULL, 0, NULL, 0},
         };
         const char *note = NULL;
         int c, b;
