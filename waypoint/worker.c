@@ -44,7 +44,6 @@ const char *const wp_counter_names[_WP_COUNTER_MAX] = {
         [WP_C_UPSTREAM_CX_FAIL] = "upstream_cx_connect_failed",
 };
 
-
 struct pool_key {
         struct sockaddr_storage addr;
         socklen_t len;
@@ -56,10 +55,10 @@ struct pool_conn {
         struct hbone_conn *conn;
         struct pool_key key;
         unsigned bucket;
-        struct wp_list link;    /* in the bucket while usable */
-        struct wp_list waiting; /* tunnels waiting for this connection to establish */
+        struct wp_list link;       /* in the bucket while usable */
+        struct wp_list waiting;    /* tunnels waiting for this connection to establish */
         struct wp_list l7_waiting; /* L7 requests (wp_pool_req) waiting for it */
-        struct wp_list all;     /* worker's list of every upstream connection */
+        struct wp_list all;        /* worker's list of every upstream connection */
         struct wp_timer idle;
         bool usable; /* in the bucket */
         bool established;
@@ -84,12 +83,11 @@ struct tunnel {
         uint64_t id;
         uint64_t start_ns;
         char authority[WP_AUTHORITY_MAX];
-        char peer[256];
-        char chain[160];
         /* telemetry: what the CONNECT and the connection said about the source */
         struct sockaddr_storage src;
-        char peer_uri[256];
-        char baggage[512];
+        /* the peer's URI SAN and the CONNECT's baggage ("" when absent), in one allocation
+         * sized to them: an idle tunnel costs what it carries, not fixed maxima */
+        char *peer_uri, *baggage;
         struct wp_metrics_tcp *mtcp;
         const char *cluster; /* name of the cluster t->ep belongs to (snapshot-owned) */
         /* access log */
@@ -172,7 +170,44 @@ static void tunnel_free(struct tunnel *t)
         t->relay = hbone_relay_free(t->relay);
         t->snap = wp_snapshot_unref(t->snap);
         cnt_add(w, WP_C_TUNNELS_ACTIVE, -1);
+        wp_free(t->peer_uri);
         wp_free(t);
+}
+
+static void format_peer(const struct sockaddr_storage *ss, char *out, size_t cap)
+{
+        if (hbone_target_format((const struct sockaddr *)ss, out, cap) < 0)
+                snprintf(out, cap, "?");
+}
+
+/* "ip:port" of the tunnel's downstream peer, for logs. */
+static const char *tunnel_peer(const struct tunnel *t, char *out, size_t cap)
+{
+        format_peer(&t->src, out, cap);
+        return out;
+}
+
+static const char *tunnel_chain(const struct tunnel *t)
+{
+        return t->chainp ? t->chainp->name : "?";
+}
+
+/* Copies the source's URI SAN and baggage into one allocation (t->peer_uri, t->baggage). */
+static int tunnel_set_source(struct tunnel *t, const char *uri, const char *baggage)
+{
+        size_t nu = uri ? strlen(uri) : 0, nb = baggage ? strlen(baggage) : 0;
+
+        if (nb > 4096)
+                nb = 0; /* labels from an oversized baggage are not worth keeping */
+        t->peer_uri = wp_malloc(nu + nb + 2);
+        if (!t->peer_uri)
+                return -ENOMEM;
+        memcpy(t->peer_uri, uri ? uri : "", nu);
+        t->peer_uri[nu] = '\0';
+        t->baggage = t->peer_uri + nu + 1;
+        memcpy(t->baggage, baggage ? baggage : "", nb);
+        t->baggage[nb] = '\0';
+        return 0;
 }
 
 static struct wp_mstr mstr(const char *s)
@@ -220,8 +255,8 @@ void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const 
         if (!ch)
                 return;
         for (size_t i = 0; i < ch->nlogs; i++) {
-                ssize_t n = wp_al_logger_render(ch->logs[i].logger, c, w->al_buf,
-                                                sizeof(w->al_buf), NULL);
+                ssize_t n = wp_al_logger_render(ch->logs[i].logger, c, w->al_buf, sizeof(w->al_buf),
+                                                NULL);
 
                 if (n > 0 && write(ch->logs[i].fd, w->al_buf, (size_t)n) < 0)
                         wp_debug("accesslog", "write: %s", strerror(errno));
@@ -292,13 +327,17 @@ static void tunnel_access_log(struct tunnel *t, struct hbone_relay *r)
 static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, unsigned status,
                             void *user)
 {
+        char peer[WP_AUTHORITY_MAX];
         struct tunnel *t = user;
 
         if (res == HBONE_RELAY_OK) {
                 cnt_add(t->w, WP_C_TUNNELS_ESTABLISHED, 1);
                 tunnel_metrics_open(t);
-                wp_debug("tunnel", "[T%lu] %s -> %s via %s: established (%s)", t->id, t->peer,
-                         t->authority, t->ep ? t->ep->authority : "?", t->chain);
+                char peer[WP_AUTHORITY_MAX];
+
+                wp_debug("tunnel", "[T%lu] %s -> %s via %s: established (%s)", t->id,
+                         tunnel_peer(t, peer, sizeof(peer)), t->authority,
+                         t->ep ? t->ep->authority : "?", tunnel_chain(t));
                 return;
         }
         if (res == HBONE_RELAY_DOWNSTREAM_GONE)
@@ -307,11 +346,13 @@ static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, 
                 t->al_flags = status == 504 ? WP_AL_F(UT) : WP_AL_F(UF);
         cnt_add(t->w, WP_C_TUNNEL_UPSTREAM_FAIL, 1);
         wp_info("tunnel", "[T%lu] %s -> %s via %s: upstream failed (result %d, status %u)", t->id,
-                t->peer, t->authority, t->ep ? t->ep->authority : "?", (int)res, status);
+                tunnel_peer(t, peer, sizeof(peer)), t->authority, t->ep ? t->ep->authority : "?",
+                (int)res, status);
 }
 
 static void on_relay_done(struct hbone_relay *r, void *user)
 {
+        char peer[WP_AUTHORITY_MAX];
         struct tunnel *t = user;
 
         if (t->mtcp) {
@@ -325,7 +366,8 @@ static void on_relay_done(struct hbone_relay *r, void *user)
         cnt_add(t->w, WP_C_BYTES_UP, (int64_t)hbone_relay_bytes_sent_up(r));
         cnt_add(t->w, WP_C_BYTES_DOWN, (int64_t)hbone_relay_bytes_sent_down(r));
         wp_debug("tunnel", "[T%lu] %s -> %s closed: %lu bytes up, %lu down, %lu ms", t->id,
-                 t->peer, t->authority, (unsigned long)hbone_relay_bytes_sent_up(r),
+                 tunnel_peer(t, peer, sizeof(peer)), t->authority,
+                 (unsigned long)hbone_relay_bytes_sent_up(r),
                  (unsigned long)hbone_relay_bytes_sent_down(r),
                  (unsigned long)((wp_now_ns() - t->start_ns) / WP_NSEC_PER_MSEC));
         tunnel_free(t);
@@ -464,8 +506,8 @@ static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_ke
                 .ops = &upstream_ops,
                 .user = pc,
                 .handshake_timeout_ms = o->handshake_timeout_ms,
-                .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
-                                                            : t_snap_timeout(w),
+                .connect_timeout_ms =
+                        o->connect_timeout_ms ? o->connect_timeout_ms : t_snap_timeout(w),
                 .id = ++w->next_id,
         };
         r = hbone_conn_connect(&cfg, (const struct sockaddr *)&k->addr, k->len, &pc->conn);
@@ -497,7 +539,8 @@ static void upstream_established(struct hbone_conn *c, void *user)
                 tunnel_open_on(t, pc);
         }
         while (!wp_list_empty(&pc->l7_waiting)) {
-                struct wp_pool_req *pr = container_of(pc->l7_waiting.next, struct wp_pool_req, link);
+                struct wp_pool_req *pr =
+                        container_of(pc->l7_waiting.next, struct wp_pool_req, link);
 
                 wp_list_del(&pr->link);
                 pr->waiting = false;
@@ -514,8 +557,8 @@ static void upstream_closed(struct hbone_conn *c, int err, const char *why, void
         pool_unlist(pc);
         if (!pc->established) {
                 cnt_add(w, WP_C_UPSTREAM_CX_FAIL, 1);
-                wp_info("upstream", "[C%lu] connection failed: %s",
-                        (unsigned long)hbone_conn_id(c), why);
+                wp_info("upstream", "[C%lu] connection failed: %s", (unsigned long)hbone_conn_id(c),
+                        why);
         } else {
                 wp_debug("upstream", "[C%lu] closed: %s", (unsigned long)hbone_conn_id(c), why);
         }
@@ -529,7 +572,8 @@ static void upstream_closed(struct hbone_conn *c, int err, const char *why, void
                                  timeout ? "upstream_timeout" : "upstream_refused");
         }
         while (!wp_list_empty(&pc->l7_waiting)) {
-                struct wp_pool_req *pr = container_of(pc->l7_waiting.next, struct wp_pool_req, link);
+                struct wp_pool_req *pr =
+                        container_of(pc->l7_waiting.next, struct wp_pool_req, link);
 
                 wp_list_del(&pr->link);
                 pr->waiting = false;
@@ -597,9 +641,9 @@ int wp_worker_pool_get(struct wp_worker *w, const struct sockaddr_storage *addr,
                         continue;
                 if (!c->conn || hbone_conn_closing(c->conn))
                         continue;
-                if (!c->established || (hbone_conn_session(c->conn) &&
-                                        hbone_session_streams_available(
-                                                hbone_conn_session(c->conn)) > 0)) {
+                if (!c->established ||
+                    (hbone_conn_session(c->conn) &&
+                     hbone_session_streams_available(hbone_conn_session(c->conn)) > 0)) {
                         pc = c;
                         break;
                 }
@@ -676,15 +720,10 @@ static int l7_take(struct wp_worker *w, struct hbone_conn *conn, struct hbone_st
 
 /* ---- downstream ---- */
 
-static void format_peer(const struct sockaddr_storage *ss, char *out, size_t cap)
-{
-        if (hbone_target_format((const struct sockaddr *)ss, out, cap) < 0)
-                snprintf(out, cap, "?");
-}
-
 static int downstream_on_request(struct hbone_session *s, struct hbone_stream *st,
                                  const struct hbone_request *req, void *session_user)
 {
+        char peer[WP_AUTHORITY_MAX];
         struct hbone_conn *conn = session_user;
         struct downstream *d = hbone_conn_user(conn);
         struct wp_worker *w = d->w;
@@ -712,23 +751,23 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 memcpy(&t->dst, &req->target.addr, req->target.addrlen);
         wp_list_init(&t->wait_link);
         snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
-        format_peer(hbone_conn_peer_addr(conn), t->peer, sizeof(t->peer));
         t->src = *hbone_conn_peer_addr(conn);
-        snprintf(t->peer_uri, sizeof(t->peer_uri), "%s",
-                 hbone_conn_peer_uri(conn) ? hbone_conn_peer_uri(conn) : "");
-        if (req->baggage)
-                snprintf(t->baggage, sizeof(t->baggage), "%s", req->baggage);
+        if (tunnel_set_source(t, hbone_conn_peer_uri(conn), req->baggage) < 0) {
+                wp_free(t);
+                return -ENOMEM;
+        }
         rcfg = (struct hbone_relay_config){
                 .loop = w->loop,
                 .ops = &relay_ops,
                 .user = t,
                 .connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms
-                                      : w->snap                ? w->snap->connect_timeout_ms
-                                                               : 10000,
+                                      : w->snap             ? w->snap->connect_timeout_ms
+                                                            : 10000,
                 .error_header = "x-waypoint-error",
         };
         r = hbone_relay_new(&rcfg, conn, st, false, &t->relay);
         if (r < 0) {
+                wp_free(t->peer_uri);
                 wp_free(t);
                 return r;
         }
@@ -745,12 +784,12 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 chain = wp_snapshot_lookup(t->snap, (const struct sockaddr *)&req->target.addr);
         if (!chain) {
                 cnt_add(w, WP_C_TUNNEL_NOT_SERVED, 1);
-                wp_info("tunnel", "[T%lu] %s (%s) -> %s: target not served by this waypoint",
-                        t->id, t->peer, hbone_conn_peer_uri(conn), t->authority);
+                wp_info("tunnel", "[T%lu] %s (%s) -> %s: target not served by this waypoint", t->id,
+                        tunnel_peer(t, peer, sizeof(peer)), hbone_conn_peer_uri(conn),
+                        t->authority);
                 hbone_relay_fail(t->relay, 404, "target_not_served");
                 return 0;
         }
-        snprintf(t->chain, sizeof(t->chain), "%s", chain->name);
         t->chainp = chain;
         if (chain->kind == WP_CHAIN_UNSUPPORTED) {
                 t->al_details = "unsupported_chain";
@@ -764,8 +803,8 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 /* workload-addressed: the destination itself, through its ztunnel */
                 memcpy(&t->own_ep.addr, &req->target.addr, req->target.addrlen);
                 t->own_ep.addrlen = req->target.addrlen;
-                hbone_target_format((const struct sockaddr *)&t->own_ep.addr,
-                                    t->own_ep.authority, sizeof(t->own_ep.authority));
+                hbone_target_format((const struct sockaddr *)&t->own_ep.addr, t->own_ep.authority,
+                                    sizeof(t->own_ep.authority));
                 t->own_ep.hbone = true;
                 t->own_ep.healthy = true;
                 t->ep = &t->own_ep;
@@ -1020,8 +1059,8 @@ static void *worker_main(void *arg)
                                 close(w->listen_fd);
                                 w->listen_fd = -1;
                         }
-                        bool idle = wp_list_empty(&w->downstreams) && wp_list_empty(&w->upstreams) &&
-                                    !wp_op_inflight(&w->accept_op);
+                        bool idle = wp_list_empty(&w->downstreams) &&
+                                    wp_list_empty(&w->upstreams) && !wp_op_inflight(&w->accept_op);
 
                         uint64_t now = wp_now_ns();
 
