@@ -19,6 +19,10 @@
  *   GET /ready, /healthz/ready     200 "LIVE"; 503 with the state (PRE_INITIALIZING before the
  *                                  first config, DRAINING once draining, listeners drained or
  *                                  /healthcheck/fail)
+ * Admin and metrics (15020, 15090) listeners:
+ *   GET /stats/prometheus          Istio standard metrics, streamed as the socket drains
+ *                                  (chunked for HTTP/1.1, close-delimited for HTTP/1.0): one
+ *                                  page cursor and one STREAM_BUF buffer per client
  * Admin listener only:
  *   GET /                          this list
  *   GET /server_info               JSON: version, state, command_line_options, node, uptime,
@@ -71,6 +75,8 @@
 #define WRITE_IDLE_MS 10000
 #define LINGER_MS     1000
 #define QUERY_MAX     16
+#define STREAM_BUF    (64 * 1024) /* per client streaming a page */
+#define STREAM_ROUNDS 4           /* STREAM_BUF refills per client per poll round */
 
 /* /healthcheck/fail: shared by the admin and status listeners of the process */
 static _Atomic bool health_failed;
@@ -88,6 +94,13 @@ struct client {
         char *body; /* response body (owned), sent after head */
         size_t bodylen;
         size_t off; /* bytes of head + body sent */
+        /* a streamed body (after head, instead of body): rendered into sbuf as the socket
+         * drains, framed as chunks when chunked, else delimited by the close */
+        struct wp_metrics_page *page;
+        bool chunked;
+        bool stream_end; /* page complete and its last bytes (0-chunk) are in sbuf */
+        char *sbuf;
+        size_t sstart, send;
         int64_t deadline_ms;
         int64_t started_ms;
 };
@@ -155,20 +168,31 @@ static const char *reason(int status)
         }
 }
 
+/* Formats the response head. framing: the Content-Length or Transfer-Encoding field with its
+ * CRLF, or "" (close-delimited). allow: value of an Allow header or NULL. */
+static void format_head(struct client *c, int status, const char *ctype, const char *framing,
+                        const char *allow)
+{
+        int n = snprintf(c->head, sizeof(c->head),
+                         "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s"
+                         "Cache-Control: no-cache, max-age=0\r\nX-Content-Type-Options: nosniff\r\n"
+                         "%s%s%sConnection: close\r\n\r\n",
+                         status, reason(status), ctype, framing, allow ? "Allow: " : "",
+                         allow ? allow : "", allow ? "\r\n" : "");
+
+        c->headlen = (size_t)n < sizeof(c->head) ? (size_t)n : sizeof(c->head) - 1;
+}
+
 /* Queues the response and switches the client to writing; takes ownership of body (heap, may
  * be NULL when len is 0). allow: value of an Allow header or NULL. with_body false: HEAD
  * (Content-Length still says the body's size). */
 static void respond_take(struct client *c, int status, const char *ctype, char *body, size_t len,
                          const char *allow, bool with_body)
 {
-        int n = snprintf(c->head, sizeof(c->head),
-                         "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                         "Cache-Control: no-cache, max-age=0\r\nX-Content-Type-Options: nosniff\r\n"
-                         "%s%s%sConnection: close\r\n\r\n",
-                         status, reason(status), ctype, len, allow ? "Allow: " : "",
-                         allow ? allow : "", allow ? "\r\n" : "");
+        char framing[48];
 
-        c->headlen = (size_t)n < sizeof(c->head) ? (size_t)n : sizeof(c->head) - 1;
+        snprintf(framing, sizeof(framing), "Content-Length: %zu\r\n", len);
+        format_head(c, status, ctype, framing, allow);
         wp_free(c->body);
         c->body = NULL;
         c->bodylen = 0;
@@ -638,13 +662,13 @@ static void on_config_dump(struct admin *a, struct client *c, struct request *rq
 {
         const struct wp_options *o = &a->rt->opts;
         struct wp_admin_dump_req dr = {
-            .resource = param(&rq->q, "resource"),
-            .mask = param(&rq->q, "mask"),
-            .include_eds = has_param(&rq->q, "include_eds"),
-            .include_addresses = has_param(&rq->q, "include_addresses"),
-            .node_id = o->node_id,
-            .node_cluster = o->service_cluster,
-            .last_updated_ms = atomic_load(&a->rt->snap_published_ms),
+                .resource = param(&rq->q, "resource"),
+                .mask = param(&rq->q, "mask"),
+                .include_eds = has_param(&rq->q, "include_eds"),
+                .include_addresses = has_param(&rq->q, "include_addresses"),
+                .node_id = o->node_id,
+                .node_cluster = o->service_cluster,
+                .last_updated_ms = atomic_load(&a->rt->snap_published_ms),
         };
         struct wp_snapshot *s = wp_runtime_snapshot(a->rt);
         const char *err = NULL;
@@ -770,20 +794,34 @@ static void on_help(struct admin *a, struct client *c, struct request *rq);
 
 enum { M_GET = 1, M_POST = 2 }; /* M_GET includes HEAD */
 #define K_FULL (1u << WP_ADMIN_FULL)
-#define K_ALL ((1u << WP_ADMIN_FULL) | (1u << WP_ADMIN_STATUS) | (1u << WP_ADMIN_METRICS))
+#define K_ALL  ((1u << WP_ADMIN_FULL) | (1u << WP_ADMIN_STATUS) | (1u << WP_ADMIN_METRICS))
 #define K_PROM ((1u << WP_ADMIN_FULL) | (1u << WP_ADMIN_METRICS) | (1u << WP_ADMIN_PROMETHEUS))
 
-/* /stats/prometheus: Istio's standard metrics, merged over the workers' shards. */
+/* /stats/prometheus: Istio's standard metrics, merged over the workers' shards, streamed:
+ * client_write renders the next STREAM_BUF bytes each time the socket has drained the last
+ * ones, so a page of any length costs one page cursor and one buffer per client, and a slow
+ * scraper holds only that (until WRITE_IDLE_MS without progress drops it). HTTP/1.1 gets
+ * chunked framing (a truncated page is detectable); HTTP/1.0 a close-delimited body. No gzip:
+ * zlib is not a dependency. */
 static void on_prometheus(struct admin *a, struct client *c, struct request *rq)
 {
-        struct wp_metrics_text t = {0};
+        struct wp_metrics_page *pg = NULL;
 
-        if (!a->rt->metrics || wp_metrics_render_text(a->rt->metrics, &t) < 0) {
-                wp_metrics_text_done(&t);
+        if (!a->rt->metrics || (!rq->head && (wp_metrics_page_new(a->rt->metrics, &pg) < 0 ||
+                                              !(c->sbuf = wp_malloc(STREAM_BUF))))) {
+                wp_metrics_page_free(pg);
                 respond_text(c, rq, 503, "metrics unavailable\n");
                 return;
         }
-        respond_owned(c, rq, 200, "text/plain; version=0.0.4; charset=utf-8", t.data, t.len);
+        c->chunked = rq->minor >= 1;
+        format_head(c, 200, "text/plain; version=0.0.4; charset=utf-8",
+                    c->chunked ? "Transfer-Encoding: chunked\r\n" : "", NULL);
+        c->page = pg;
+        c->stream_end = rq->head;
+        c->sstart = c->send = 0;
+        c->off = 0;
+        c->state = C_WRITE;
+        c->deadline_ms = now_ms() + WRITE_IDLE_MS;
 }
 
 static const struct route {
@@ -793,22 +831,23 @@ static const struct route {
         void (*fn)(struct admin *a, struct client *c, struct request *rq);
         const char *help;
 } routes[] = {
-    {"/ready", M_GET, K_ALL, on_ready, "200 LIVE when serving, else 503 and the state"},
-    {"/healthz/ready", M_GET, K_ALL, on_ready, "same as /ready"},
-    {"/", M_GET, K_FULL, on_help, "this list"},
-    {"/server_info", M_GET, K_FULL, on_server_info, "version, state, options, node, uptime"},
-    {"/stats/prometheus", M_GET, K_PROM, on_prometheus, "Istio standard metrics (Prometheus)"},
-    {"/stats", M_GET, K_FULL, on_stats, "counters; ?format=json, ?filter=<regex>"},
-    {"/config_dump", M_GET, K_FULL, on_config_dump,
-     "Envoy ConfigDump JSON; ?include_eds, ?include_addresses, ?resource=, ?mask="},
-    {"/clusters", M_GET, K_FULL, on_clusters, "endpoints with health; ?format=json"},
-    {"/listeners", M_GET, K_FULL, on_listeners, "listener names and addresses; ?format=json"},
-    {"/logging", M_GET | M_POST, K_FULL, on_logging, "log level; ?level=<level> sets it"},
-    {"/drain_listeners", M_POST, K_FULL, on_drain_listeners,
-     "stop accepting, GOAWAY existing connections"},
-    {"/healthcheck/fail", M_POST, K_FULL, on_healthcheck, "readiness 503 until /healthcheck/ok"},
-    {"/healthcheck/ok", M_POST, K_FULL, on_healthcheck, "undo /healthcheck/fail"},
-    {"/quitquitquit", M_POST, K_FULL, on_quit, "drain and exit, like SIGTERM"},
+        {"/ready", M_GET, K_ALL, on_ready, "200 LIVE when serving, else 503 and the state"},
+        {"/healthz/ready", M_GET, K_ALL, on_ready, "same as /ready"},
+        {"/", M_GET, K_FULL, on_help, "this list"},
+        {"/server_info", M_GET, K_FULL, on_server_info, "version, state, options, node, uptime"},
+        {"/stats/prometheus", M_GET, K_PROM, on_prometheus, "Istio standard metrics (Prometheus)"},
+        {"/stats", M_GET, K_FULL, on_stats, "counters; ?format=json, ?filter=<regex>"},
+        {"/config_dump", M_GET, K_FULL, on_config_dump,
+         "Envoy ConfigDump JSON; ?include_eds, ?include_addresses, ?resource=, ?mask="},
+        {"/clusters", M_GET, K_FULL, on_clusters, "endpoints with health; ?format=json"},
+        {"/listeners", M_GET, K_FULL, on_listeners, "listener names and addresses; ?format=json"},
+        {"/logging", M_GET | M_POST, K_FULL, on_logging, "log level; ?level=<level> sets it"},
+        {"/drain_listeners", M_POST, K_FULL, on_drain_listeners,
+         "stop accepting, GOAWAY existing connections"},
+        {"/healthcheck/fail", M_POST, K_FULL, on_healthcheck,
+         "readiness 503 until /healthcheck/ok"},
+        {"/healthcheck/ok", M_POST, K_FULL, on_healthcheck, "undo /healthcheck/fail"},
+        {"/quitquitquit", M_POST, K_FULL, on_quit, "drain and exit, like SIGTERM"},
 };
 
 #define NROUTES (sizeof(routes) / sizeof(routes[0]))
@@ -821,8 +860,8 @@ static void on_help(struct admin *a, struct client *c, struct request *rq)
         for (size_t i = 0; i < NROUTES && n < sizeof(body); i++)
                 n += (size_t)snprintf(body + n, sizeof(body) - n, "  %-4s %-18s %s\n",
                                       routes[i].methods & M_POST
-                                          ? (routes[i].methods & M_GET ? "GET|POST" : "POST")
-                                          : "GET",
+                                              ? (routes[i].methods & M_GET ? "GET|POST" : "POST")
+                                              : "GET",
                                       routes[i].path, routes[i].help);
         respond(c, 200, "text/plain; charset=utf-8", body, n < sizeof(body) ? n : sizeof(body) - 1,
                 NULL, !rq->head);
@@ -876,6 +915,8 @@ static void client_free(struct admin *a, size_t i)
 
         close(c->fd);
         wp_free(c->body);
+        wp_metrics_page_free(c->page);
+        wp_free(c->sbuf);
         wp_free(c);
         a->clients[i] = NULL;
 }
@@ -971,16 +1012,60 @@ static void client_read(struct admin *a, struct client *c)
                 c->deadline_ms = 0;
 }
 
+/* Renders the next bytes of a streamed page into c->sbuf (sstart..send), framed. Returns
+ * false when the stream has nothing more to send. */
+static bool stream_refill(struct client *c)
+{
+        /* chunk: size line (at most "10000\r\n") before the data, CRLF after it, and room for
+         * the last chunk "0\r\n\r\n" after the final data chunk */
+        const size_t pre = 8, post = 2 + 5;
+        char hex[16];
+        size_t n, k;
+
+        if (c->stream_end)
+                return false;
+        c->sstart = c->send = pre;
+        n = wp_metrics_page_read(c->page, c->sbuf + pre, STREAM_BUF - pre - post);
+        c->send = pre + n;
+        if (c->chunked && n) {
+                k = (size_t)snprintf(hex, sizeof(hex), "%zx\r\n", n);
+                c->sstart = pre - k;
+                memcpy(c->sbuf + c->sstart, hex, k);
+                memcpy(c->sbuf + c->send, "\r\n", 2);
+                c->send += 2;
+        }
+        if (n < STREAM_BUF - pre - post) { /* the page is complete */
+                c->stream_end = true;
+                c->page = wp_metrics_page_free(c->page);
+                if (c->chunked) {
+                        memcpy(c->sbuf + c->send, "0\r\n\r\n", 5);
+                        c->send += 5;
+                }
+        }
+        return c->send > c->sstart;
+}
+
 static void client_write(struct client *c)
 {
-        while (c->off < c->headlen + c->bodylen) {
+        unsigned refills = 0;
+
+        for (;;) {
                 struct iovec iov[2];
                 struct msghdr mh = {.msg_iov = iov};
+                bool streaming = c->off >= c->headlen + c->bodylen;
                 ssize_t n;
 
-                if (c->off < c->headlen) {
+                if (streaming && c->sstart == c->send) {
+                        if (!c->sbuf || refills == STREAM_ROUNDS || !stream_refill(c))
+                                break;
+                        refills++;
+                }
+                if (streaming) {
                         iov[mh.msg_iovlen++] =
-                            (struct iovec){c->head + c->off, c->headlen - c->off};
+                                (struct iovec){c->sbuf + c->sstart, c->send - c->sstart};
+                } else if (c->off < c->headlen) {
+                        iov[mh.msg_iovlen++] =
+                                (struct iovec){c->head + c->off, c->headlen - c->off};
                         if (c->bodylen)
                                 iov[mh.msg_iovlen++] = (struct iovec){c->body, c->bodylen};
                 } else {
@@ -996,9 +1081,14 @@ static void client_write(struct client *c)
                         c->deadline_ms = 0;
                         return;
                 }
-                c->off += (size_t)n;
+                if (streaming)
+                        c->sstart += (size_t)n;
+                else
+                        c->off += (size_t)n;
                 c->deadline_ms = now_ms() + WRITE_IDLE_MS;
         }
+        if (c->sbuf && !c->stream_end)
+                return; /* more of the page after the next poll round */
         /* all sent: half-close, then let the client read it before we close */
         shutdown(c->fd, SHUT_WR);
         c->state = C_LINGER;
@@ -1080,8 +1170,8 @@ static void *admin_main(void *arg)
                                 wait = c->deadline_ms - now;
                         idx[n] = i;
                         pfd[n++] = (struct pollfd){
-                            .fd = c->fd,
-                            .events = c->state == C_WRITE ? POLLOUT : POLLIN,
+                                .fd = c->fd,
+                                .events = c->state == C_WRITE ? POLLOUT : POLLIN,
                         };
                 }
                 if (poll(pfd, n, wait < 0 ? -1 : (int)(wait > 0 ? wait : 1)) < 0) {
@@ -1132,7 +1222,9 @@ int wp_admin_start(struct wp_runtime *rt, const struct wp_addr *addr, enum wp_ad
 err:
         r = -errno;
         wp_error("admin", "cannot serve on the %s address: %s",
-                 kind == WP_ADMIN_FULL ? "admin" : kind == WP_ADMIN_STATUS ? "status" : "metrics",
+                 kind == WP_ADMIN_FULL     ? "admin"
+                 : kind == WP_ADMIN_STATUS ? "status"
+                                           : "metrics",
                  strerror(errno));
         if (a->fd >= 0)
                 close(a->fd);

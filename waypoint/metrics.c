@@ -784,42 +784,26 @@ void wp_metrics_get_stats(struct wp_metrics *m, struct wp_metrics_stats *ret)
         }
 }
 
-/* ---- rendering ---- */
+/* ---- rendering: a pull cursor over a merged, sorted view of the shards ---- */
 
-struct out {
-        char *buf;
+/* Bounded byte buffer. cap is computed from the worst case when the page starts, so a put that
+ * does not fit cannot happen; it is refused rather than trusted (the line comes out short). */
+struct bbuf {
+        char *p;
         size_t len, cap;
-        int (*sink)(void *user, const char *data, size_t len);
-        void *user;
-        int err;
 };
 
-static void out_flush(struct out *o)
+static void bb_put(struct bbuf *b, const char *s, size_t n)
 {
-        if (o->len && !o->err)
-                o->err = o->sink(o->user, o->buf, o->len);
-        o->len = 0;
-}
-
-static void out_put(struct out *o, const char *p, size_t n)
-{
-        if (o->err)
+        if (n > b->cap - b->len)
                 return;
-        if (n > o->cap - o->len) {
-                out_flush(o);
-                if (n > o->cap) {
-                        if (!o->err)
-                                o->err = o->sink(o->user, p, n);
-                        return;
-                }
-        }
-        memcpy(o->buf + o->len, p, n);
-        o->len += n;
+        memcpy(b->p + b->len, s, n);
+        b->len += n;
 }
 
-static void out_str(struct out *o, const char *s)
+static void bb_str(struct bbuf *b, const char *s)
 {
-        out_put(o, s, strlen(s));
+        bb_put(b, s, strlen(s));
 }
 
 static size_t fmt_u64(char *b, uint64_t v)
@@ -836,68 +820,52 @@ static size_t fmt_u64(char *b, uint64_t v)
         return n;
 }
 
-static void out_u64(struct out *o, uint64_t v)
+static void bb_u64(struct bbuf *b, uint64_t v)
 {
-        char b[24];
+        char num[24];
 
-        out_put(o, b, fmt_u64(b, v));
+        bb_put(b, num, fmt_u64(num, v));
 }
 
-/* Label text of one series, without braces: reporter="waypoint",source_workload="...",... */
-struct lbuf {
-        char *p;
-        size_t len, cap;
-};
-
-static void lb_raw(struct lbuf *b, const char *s, size_t n)
-{
-        /* cap is computed from the worst case in render(); this cannot overflow */
-        memcpy(b->p + b->len, s, n);
-        b->len += n;
-}
-
-static void lb_escaped(struct lbuf *b, const char *s, size_t n)
+/* Label value escaping of the text format: \ " and newline. */
+static void bb_escaped(struct bbuf *b, const char *s, size_t n)
 {
         size_t i;
 
         for (i = 0; i < n; i++) {
-                char c = s[i];
-
-                if (c == '\\' || c == '"') {
-                        b->p[b->len++] = '\\';
-                        b->p[b->len++] = c;
-                } else if (c == '\n') {
-                        b->p[b->len++] = '\\';
-                        b->p[b->len++] = 'n';
-                } else {
-                        b->p[b->len++] = c;
-                }
+                if (s[i] == '\\' || s[i] == '"')
+                        bb_put(b, "\\", 1);
+                if (s[i] == '\n')
+                        bb_put(b, "\\n", 2);
+                else
+                        bb_put(b, &s[i], 1);
         }
 }
 
-static void lb_label(struct lbuf *b, const char *name, const char *v, size_t n)
+static void bb_label(struct bbuf *b, const char *name, const char *v, size_t n)
 {
-        lb_raw(b, ",", 1);
-        lb_raw(b, name, strlen(name));
-        lb_raw(b, "=\"", 2);
-        lb_escaped(b, v, n);
-        lb_raw(b, "\"", 1);
+        bb_put(b, ",", 1);
+        bb_str(b, name);
+        bb_put(b, "=\"", 2);
+        bb_escaped(b, v, n);
+        bb_put(b, "\"", 1);
 }
 
-static void format_labels(struct lbuf *b, const struct series *s)
+/* Label text of one series, without braces: reporter="waypoint",source_workload="...",... */
+static void format_labels(struct bbuf *b, const struct series *s)
 {
         char num[24];
         unsigned i;
 
         b->len = 0;
-        lb_raw(b, "reporter=\"waypoint\"", 19);
+        bb_str(b, "reporter=\"waypoint\"");
         for (i = 0; i < _WP_ML_MAX; i++) {
                 if (i == WP_ML_RESPONSE_FLAGS && s->fam == FAM_HTTP) {
-                        lb_label(b, "response_code", num, fmt_u64(num, s->code));
-                        lb_label(b, "grpc_response_status", num,
+                        bb_label(b, "response_code", num, fmt_u64(num, s->code));
+                        bb_label(b, "grpc_response_status", num,
                                  s->grpc < 0 ? 0 : fmt_u64(num, (uint64_t)s->grpc));
                 }
-                lb_label(b, label_names[i], s->lv[i]->s, s->lv[i]->len);
+                bb_label(b, label_names[i], s->lv[i]->s, s->lv[i]->len);
         }
 }
 
@@ -927,13 +895,11 @@ static int cmp_series(const void *pa, const void *pb)
         return 0;
 }
 
-/* Published series of one family over all shards, sorted, with run boundaries (equal label
- * tuples from different shards are one run and are summed). */
+/* Published series of one family over all shards, sorted by label tuple: equal tuples from
+ * different shards are adjacent (a run) and are summed. 8 bytes per series. */
 struct famview {
         struct series **v;
         uint32_t n;
-        uint32_t *run; /* start of each run, plus n at the end */
-        uint32_t n_runs;
 };
 
 static int famview_build(struct wp_metrics *m, int fam, struct famview *fv)
@@ -948,8 +914,7 @@ static int famview_build(struct wp_metrics *m, int fam, struct famview *fv)
         if (!total)
                 return 0;
         fv->v = wp_malloc(total * sizeof(*fv->v));
-        fv->run = wp_malloc((total + 1) * sizeof(*fv->run));
-        if (!fv->v || !fv->run)
+        if (!fv->v)
                 return -ENOMEM;
         for (i = 0; i < m->n_shards; i++) {
                 const struct fam_table *t = &m->shards[i]->fam[fam];
@@ -958,190 +923,307 @@ static int famview_build(struct wp_metrics *m, int fam, struct famview *fv)
                         fv->v[fv->n++] = dir_get(t, j);
         }
         qsort(fv->v, fv->n, sizeof(*fv->v), cmp_series);
-        for (i = 0; i < fv->n; i++) {
-                if (i == 0 || cmp_series(&fv->v[i - 1], &fv->v[i]) != 0)
-                        fv->run[fv->n_runs++] = i;
-        }
-        fv->run[fv->n_runs] = fv->n;
         return 0;
 }
 
-static void famview_done(struct famview *fv)
-{
-        wp_free(fv->v);
-        wp_free(fv->run);
-}
+/* The page's sections, in Envoy's order: counters by name, the gauge, histograms by name. */
+enum sec_kind { SEC_COUNTER, SEC_OVERFLOW, SEC_BUILD, SEC_HIST };
 
-static uint64_t run_sum(const struct famview *fv, uint32_t r, unsigned word)
+static const struct section {
+        enum sec_kind kind;
+        int fam;
+        unsigned what; /* counter: value word; histogram: HIST_* */
+        const char *name, *type, *help;
+} sections[] = {
+    {SEC_COUNTER, FAM_HTTP, HV_REQUESTS, "istio_requests_total", "counter",
+     "Requests handled by the waypoint."},
+    {SEC_COUNTER, FAM_TCP, TV_CLOSED, "istio_tcp_connections_closed_total", "counter",
+     "TCP connections closed."},
+    {SEC_COUNTER, FAM_TCP, TV_OPENED, "istio_tcp_connections_opened_total", "counter",
+     "TCP connections opened."},
+    {SEC_COUNTER, FAM_TCP, TV_RECEIVED, "istio_tcp_received_bytes_total", "counter",
+     "Bytes received from the downstream peer on TCP connections."},
+    {SEC_COUNTER, FAM_TCP, TV_SENT, "istio_tcp_sent_bytes_total", "counter",
+     "Bytes sent to the downstream peer on TCP connections."},
+    {SEC_OVERFLOW, 0, 0, "istio_waypoint_metrics_overflow_total", "counter",
+     "Observations dropped because the metric label-set cap was reached."},
+    {SEC_BUILD, 0, 0, "istio_build", "gauge", "Istio component build information."},
+    {SEC_HIST, FAM_HTTP, HIST_REQ_BYTES, "istio_request_bytes", "histogram",
+     "Request sizes in bytes."},
+    {SEC_HIST, FAM_HTTP, HIST_DURATION, "istio_request_duration_milliseconds", "histogram",
+     "Request durations in milliseconds."},
+    {SEC_HIST, FAM_HTTP, HIST_RESP_BYTES, "istio_response_bytes", "histogram",
+     "Response sizes in bytes."},
+};
+
+#define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
+
+/* Lines of one series in a section: a counter has 1; a histogram NSLOTS buckets, _sum and
+ * _count. */
+#define HIST_LINES (NSLOTS + 2)
+
+struct wp_metrics_page {
+        struct wp_metrics *m;
+        struct famview fv[NFAM];
+        struct bbuf lb;                 /* label text of the current run */
+        struct bbuf line;               /* the unit being copied out: header, or one sample line */
+        size_t line_off;                /* bytes of line already copied out */
+        size_t bytes;                   /* heap held by the page */
+        unsigned sec;                   /* current section; NSECTIONS: end of page */
+        bool in_body;                   /* false: the section's header comes next */
+        uint32_t run, run_end;          /* current run [run, run_end) of the section's famview */
+        unsigned step;                  /* next line of the current run; 0: run not started */
+        uint64_t slot[NSLOTS + 1], cum; /* histogram of the current run, read once */
+};
+
+static uint64_t run_sum(const struct wp_metrics_page *pg, int fam, unsigned word)
 {
+        const struct famview *fv = &pg->fv[fam];
         uint64_t sum = 0;
         uint32_t i;
 
-        for (i = fv->run[r]; i < fv->run[r + 1]; i++)
+        for (i = pg->run; i < pg->run_end; i++)
                 sum += CTR_GET(fv->v[i]->v[word]);
         return sum;
 }
 
-static void out_header(struct out *o, const char *name, const char *type, const char *help)
+/* Starts the run at index i of fam's view: finds its end, formats its labels. */
+static void run_start(struct wp_metrics_page *pg, int fam, uint32_t i)
 {
-        out_str(o, "# HELP ");
-        out_str(o, name);
-        out_str(o, " ");
-        out_str(o, help);
-        out_str(o, "\n# TYPE ");
-        out_str(o, name);
-        out_str(o, " ");
-        out_str(o, type);
-        out_str(o, "\n");
+        const struct famview *fv = &pg->fv[fam];
+        uint32_t e = i + 1;
+
+        while (e < fv->n && cmp_series(&fv->v[i], &fv->v[e]) == 0)
+                e++;
+        pg->run = i;
+        pg->run_end = e;
+        format_labels(&pg->lb, fv->v[i]);
 }
 
-static void render_counter(struct out *o, struct lbuf *lb, const struct famview *fv,
-                           const char *name, const char *help, unsigned word)
+/* One histogram line of the current run (step 1..HIST_LINES). */
+static void hist_line(struct wp_metrics_page *pg, const struct section *s, unsigned step)
 {
-        uint32_t r;
-
-        if (!fv->n_runs)
-                return;
-        out_header(o, name, "counter", help);
-        for (r = 0; r < fv->n_runs && !o->err; r++) {
-                format_labels(lb, fv->v[fv->run[r]]);
-                out_str(o, name);
-                out_put(o, "{", 1);
-                out_put(o, lb->p, lb->len);
-                out_put(o, "} ", 2);
-                out_u64(o, run_sum(fv, r, word));
-                out_put(o, "\n", 1);
-        }
-}
-
-static void render_hist(struct out *o, struct lbuf *lb, const struct famview *fv, const char *name,
-                        const char *help, int h)
-{
-        uint64_t slot[NSLOTS + 1], cum;
-        uint32_t r;
+        struct bbuf *b = &pg->line;
         unsigned i;
 
-        if (!fv->n_runs)
-                return;
-        out_header(o, name, "histogram", help);
-        for (r = 0; r < fv->n_runs && !o->err; r++) {
-                /* one read of every word: the rendered histogram is self-consistent */
+        if (step == 1) { /* one read of every word: the histogram is self-consistent */
                 for (i = 0; i <= NSLOTS; i++)
-                        slot[i] = run_sum(fv, r, HV_HIST(h) + i);
-                format_labels(lb, fv->v[fv->run[r]]);
-                cum = 0;
-                for (i = 0; i < NSLOTS; i++) {
-                        cum += slot[i];
-                        out_str(o, name);
-                        out_put(o, "_bucket{", 8);
-                        out_put(o, lb->p, lb->len);
-                        out_put(o, ",le=\"", 5);
-                        out_str(o, le_text[i]);
-                        out_put(o, "\"} ", 3);
-                        out_u64(o, cum);
-                        out_put(o, "\n", 1);
-                }
-                out_str(o, name);
-                out_put(o, "_sum{", 5);
-                out_put(o, lb->p, lb->len);
-                out_put(o, "} ", 2);
-                out_u64(o, slot[NSLOTS]);
-                out_put(o, "\n", 1);
-                out_str(o, name);
-                out_put(o, "_count{", 7);
-                out_put(o, lb->p, lb->len);
-                out_put(o, "} ", 2);
-                out_u64(o, cum);
-                out_put(o, "\n", 1);
+                        pg->slot[i] = run_sum(pg, s->fam, HV_HIST(s->what) + i);
+                pg->cum = 0;
         }
+        bb_str(b, s->name);
+        if (step <= NSLOTS) {
+                pg->cum += pg->slot[step - 1];
+                bb_put(b, "_bucket{", 8);
+                bb_put(b, pg->lb.p, pg->lb.len);
+                bb_put(b, ",le=\"", 5);
+                bb_str(b, le_text[step - 1]);
+                bb_put(b, "\"} ", 3);
+                bb_u64(b, pg->cum);
+        } else if (step == NSLOTS + 1) {
+                bb_put(b, "_sum{", 5);
+                bb_put(b, pg->lb.p, pg->lb.len);
+                bb_put(b, "} ", 2);
+                bb_u64(b, pg->slot[NSLOTS]);
+        } else {
+                bb_put(b, "_count{", 7);
+                bb_put(b, pg->lb.p, pg->lb.len);
+                bb_put(b, "} ", 2);
+                bb_u64(b, pg->cum);
+        }
+        bb_put(b, "\n", 1);
 }
 
-static void out_escaped(struct out *o, const char *s)
+static void next_section(struct wp_metrics_page *pg)
 {
-        for (; *s; s++) {
-                if (*s == '\\' || *s == '"')
-                        out_put(o, "\\", 1);
-                if (*s == '\n')
-                        out_put(o, "\\n", 2);
-                else
-                        out_put(o, s, 1);
+        pg->sec++;
+        pg->in_body = false;
+        pg->run = pg->run_end = 0;
+        pg->step = 0;
+}
+
+/* Produces the next unit of the page into pg->line. Returns false at the end of the page. */
+static bool next_unit(struct wp_metrics_page *pg)
+{
+        struct bbuf *b = &pg->line;
+
+        b->len = 0;
+        pg->line_off = 0;
+        while (pg->sec < NSECTIONS) {
+                const struct section *s = &sections[pg->sec];
+                const struct famview *fv = &pg->fv[s->fam];
+
+                if ((s->kind == SEC_COUNTER || s->kind == SEC_HIST) && !fv->n) {
+                        next_section(pg); /* a family without series has no header */
+                        continue;
+                }
+                if (!pg->in_body) {
+                        pg->in_body = true;
+                        bb_str(b, "# HELP ");
+                        bb_str(b, s->name);
+                        bb_str(b, " ");
+                        bb_str(b, s->help);
+                        bb_str(b, "\n# TYPE ");
+                        bb_str(b, s->name);
+                        bb_str(b, " ");
+                        bb_str(b, s->type);
+                        bb_str(b, "\n");
+                        return true;
+                }
+                switch (s->kind) {
+                case SEC_OVERFLOW: {
+                        static const char *const fam_name[NFAM] = {"http", "tcp"};
+                        struct wp_metrics_stats st;
+                        unsigned f;
+
+                        wp_metrics_get_stats(pg->m, &st);
+                        for (f = 0; f < NFAM; f++) {
+                                bb_str(b, "istio_waypoint_metrics_overflow_total{family=\"");
+                                bb_str(b, fam_name[f]);
+                                bb_str(b, "\"} ");
+                                bb_u64(b, st.overflow[f]);
+                                bb_put(b, "\n", 1);
+                        }
+                        next_section(pg);
+                        return true;
+                }
+                case SEC_BUILD:
+                        bb_str(b, "istio_build{component=\"proxy\",tag=\"");
+                        bb_escaped(b, pg->m->istio_version, strlen(pg->m->istio_version));
+                        bb_str(b, "\"} 1\n");
+                        next_section(pg);
+                        return true;
+                case SEC_COUNTER:
+                        if (pg->run_end >= fv->n) {
+                                next_section(pg);
+                                continue;
+                        }
+                        run_start(pg, s->fam, pg->run_end);
+                        bb_str(b, s->name);
+                        bb_put(b, "{", 1);
+                        bb_put(b, pg->lb.p, pg->lb.len);
+                        bb_put(b, "} ", 2);
+                        bb_u64(b, run_sum(pg, s->fam, s->what));
+                        bb_put(b, "\n", 1);
+                        return true;
+                case SEC_HIST:
+                        if (pg->step == 0 || pg->step > HIST_LINES) {
+                                if (pg->run_end >= fv->n) {
+                                        next_section(pg);
+                                        continue;
+                                }
+                                run_start(pg, s->fam, pg->run_end);
+                                pg->step = 1;
+                        }
+                        hist_line(pg, s, pg->step++);
+                        return true;
+                }
         }
+        return false;
+}
+
+static void page_account(struct wp_metrics_page *pg)
+{
+        pg->bytes = sizeof(*pg) + pg->lb.cap + pg->line.cap +
+                    ((size_t)pg->fv[FAM_HTTP].n + pg->fv[FAM_TCP].n) * sizeof(struct series *);
+}
+
+int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret)
+{
+        struct wp_metrics_page *pg;
+        size_t names = 0, name_max = 0, fixed;
+        unsigned i;
+        int r = -ENOMEM;
+
+        if (!m || !ret)
+                return -EINVAL;
+        pg = wp_calloc(1, sizeof(*pg));
+        if (!pg)
+                return -ENOMEM;
+        pg->m = m;
+        for (i = 0; i < _WP_ML_MAX; i++)
+                names += strlen(label_names[i]);
+        for (i = 0; i < NSECTIONS; i++) {
+                size_t n = strlen(sections[i].name) + strlen(sections[i].help);
+
+                name_max = n > name_max ? n : name_max;
+        }
+        /* worst case of the label text: every value byte escaped, plus names, quotes,
+         * separators, reporter, response_code and grpc_response_status */
+        pg->lb.cap = (size_t)_WP_ML_MAX * (2 * m->max_value_len + 4) + names + 256;
+        /* a sample line: name, suffix, labels, le, value; a header; the istio_build line */
+        fixed = name_max + 2 * strlen(m->istio_version) + 256;
+        pg->line.cap = pg->lb.cap + fixed;
+        pg->lb.p = wp_malloc(pg->lb.cap);
+        pg->line.p = wp_malloc(pg->line.cap);
+        if (!pg->lb.p || !pg->line.p)
+                goto err_free;
+        for (i = 0; i < NFAM; i++) {
+                r = famview_build(m, (int)i, &pg->fv[i]);
+                if (r < 0)
+                        goto err_free;
+        }
+        page_account(pg);
+        *ret = pg;
+        return 0;
+
+err_free:
+        wp_metrics_page_free(pg);
+        return r;
+}
+
+size_t wp_metrics_page_read(struct wp_metrics_page *pg, char *buf, size_t cap)
+{
+        size_t n = 0, k;
+
+        while (n < cap) {
+                if (pg->line_off == pg->line.len && !next_unit(pg))
+                        break;
+                k = pg->line.len - pg->line_off;
+                if (k > cap - n)
+                        k = cap - n;
+                memcpy(buf + n, pg->line.p + pg->line_off, k);
+                pg->line_off += k;
+                n += k;
+        }
+        return n;
+}
+
+size_t wp_metrics_page_bytes(const struct wp_metrics_page *pg)
+{
+        return pg ? pg->bytes : 0;
+}
+
+struct wp_metrics_page *wp_metrics_page_free(struct wp_metrics_page *pg)
+{
+        unsigned i;
+
+        if (!pg)
+                return NULL;
+        for (i = 0; i < NFAM; i++)
+                wp_free(pg->fv[i].v);
+        wp_free(pg->lb.p);
+        wp_free(pg->line.p);
+        wp_free(pg);
+        return NULL;
 }
 
 int wp_metrics_render(struct wp_metrics *m, int (*sink)(void *user, const char *data, size_t len),
                       void *user)
 {
-        struct famview fv[NFAM];
-        struct out o = {.sink = sink, .user = user};
-        struct lbuf lb = {0};
-        size_t names = 0;
-        unsigned i;
-        int r = 0;
+        const size_t cap = 64 * 1024;
+        struct wp_metrics_page *pg = NULL;
+        char *buf = wp_malloc(cap);
+        size_t n;
+        int r;
 
-        memset(fv, 0, sizeof(fv));
-        for (i = 0; i < _WP_ML_MAX; i++)
-                names += strlen(label_names[i]);
-        /* worst case: every byte escaped, plus names, quotes, separators and the numbers */
-        lb.cap = (size_t)_WP_ML_MAX * (2 * m->max_value_len + 4) + names + 256;
-        lb.p = wp_malloc(lb.cap);
-        o.cap = 64 * 1024;
-        o.buf = wp_malloc(o.cap);
-        if (!lb.p || !o.buf) {
-                r = -ENOMEM;
-                goto out_free;
-        }
-        for (i = 0; i < NFAM; i++) {
-                r = famview_build(m, (int)i, &fv[i]);
-                if (r < 0)
-                        goto out_free;
-        }
-
-        /* counters, by name */
-        render_counter(&o, &lb, &fv[FAM_HTTP], "istio_requests_total",
-                       "Requests handled by the waypoint.", HV_REQUESTS);
-        render_counter(&o, &lb, &fv[FAM_TCP], "istio_tcp_connections_closed_total",
-                       "TCP connections closed.", TV_CLOSED);
-        render_counter(&o, &lb, &fv[FAM_TCP], "istio_tcp_connections_opened_total",
-                       "TCP connections opened.", TV_OPENED);
-        render_counter(&o, &lb, &fv[FAM_TCP], "istio_tcp_received_bytes_total",
-                       "Bytes received from the downstream peer on TCP connections.", TV_RECEIVED);
-        render_counter(&o, &lb, &fv[FAM_TCP], "istio_tcp_sent_bytes_total",
-                       "Bytes sent to the downstream peer on TCP connections.", TV_SENT);
-        {
-                struct wp_metrics_stats st;
-                static const char *const fam_name[NFAM] = {"http", "tcp"};
-
-                wp_metrics_get_stats(m, &st);
-                out_header(&o, "istio_waypoint_metrics_overflow_total", "counter",
-                           "Observations dropped because the metric label-set cap was reached.");
-                for (i = 0; i < NFAM; i++) {
-                        out_str(&o, "istio_waypoint_metrics_overflow_total{family=\"");
-                        out_str(&o, fam_name[i]);
-                        out_str(&o, "\"} ");
-                        out_u64(&o, st.overflow[i]);
-                        out_put(&o, "\n", 1);
-                }
-        }
-        /* gauge */
-        out_header(&o, "istio_build", "gauge", "Istio component build information.");
-        out_str(&o, "istio_build{component=\"proxy\",tag=\"");
-        out_escaped(&o, m->istio_version);
-        out_str(&o, "\"} 1\n");
-        /* histograms, by name */
-        render_hist(&o, &lb, &fv[FAM_HTTP], "istio_request_bytes", "Request sizes in bytes.",
-                    HIST_REQ_BYTES);
-        render_hist(&o, &lb, &fv[FAM_HTTP], "istio_request_duration_milliseconds",
-                    "Request durations in milliseconds.", HIST_DURATION);
-        render_hist(&o, &lb, &fv[FAM_HTTP], "istio_response_bytes", "Response sizes in bytes.",
-                    HIST_RESP_BYTES);
-        out_flush(&o);
-        r = o.err;
-
-out_free:
-        for (i = 0; i < NFAM; i++)
-                famview_done(&fv[i]);
-        wp_free(lb.p);
-        wp_free(o.buf);
+        if (!buf)
+                return -ENOMEM;
+        r = wp_metrics_page_new(m, &pg);
+        while (r == 0 && (n = wp_metrics_page_read(pg, buf, cap)) > 0)
+                r = sink(user, buf, n);
+        wp_metrics_page_free(pg);
+        wp_free(buf);
         return r;
 }
 

@@ -133,7 +133,8 @@ struct wp_metrics_tcp;
  * config, -ENOMEM. */
 int wp_metrics_new(const struct wp_metrics_config *cfg, struct wp_metrics **ret);
 
-/* Frees the registry and every shard. Only once no thread records or renders any more.
+/* Frees the registry and every shard. Only once no thread records or renders any more and no
+ * page is open.
  * NULL-safe; returns NULL. */
 struct wp_metrics *wp_metrics_free(struct wp_metrics *m);
 
@@ -164,12 +165,36 @@ void wp_metrics_tcp_close(struct wp_metrics_tcp *t);
 /* True when t is the discard sink (the open was dropped). */
 bool wp_metrics_tcp_dropped(const struct wp_metrics_tcp *t);
 
-/* Renders the whole page (text format 0.0.4): # HELP / # TYPE per family, families in a fixed
- * order (counters, gauge, histograms, each by name, as Envoy), series sorted by label values.
- * Runs on any thread concurrently with recording (see the threading model above); do not run
- * two renders of one registry at once. sink is called with consecutive chunks of the page and
- * returns 0 or a negative errno, which stops rendering. Allocates only scratch memory, freed
- * before returning. Returns 0, -ENOMEM, or the sink's error. */
+/*
+ * The page (text format 0.0.4): # HELP / # TYPE per family, families in a fixed order
+ * (counters, gauge, histograms, each by name, as Envoy), series sorted by label values.
+ *
+ * It is produced by a pull cursor, so that a server can render it as the socket drains: the
+ * page starts from a merged view of the shards (the series published when it starts, sorted,
+ * equal label tuples of different shards summed) and each read renders only the next lines.
+ * A series' values are read when its lines are produced (a histogram with one read of all its
+ * words, so it is self-consistent); series created after the page started are not on it.
+ * Memory held by a page: about 8 bytes per stored series (the sorted view) plus two line
+ * buffers sized from max_value_len (about 2 * (22 * (2 * max_value_len + 4) + 1 KiB)),
+ * whatever the page's length. Reads allocate nothing and cannot fail.
+ * Any number of pages of one registry may be open at once, on any threads, concurrently
+ * with recording (see the threading model above); one page is used by one thread at a time.
+ */
+struct wp_metrics_page;
+
+/* Starts a page. Returns 0 and *ret, -EINVAL, -ENOMEM. */
+int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret);
+/* Copies the next bytes of the page into buf[0, cap): returns how many (cap unless the page
+ * ends first), 0 once the page is complete. */
+size_t wp_metrics_page_read(struct wp_metrics_page *pg, char *buf, size_t cap);
+/* Heap bytes held by the page (constant from wp_metrics_page_new on). */
+size_t wp_metrics_page_bytes(const struct wp_metrics_page *pg);
+/* NULL-safe; returns NULL. May be called before the page is complete. */
+struct wp_metrics_page *wp_metrics_page_free(struct wp_metrics_page *pg);
+
+/* Renders the whole page through a 64 KiB buffer: sink is called with consecutive chunks and
+ * returns 0 or a negative errno, which stops rendering. Returns 0, -ENOMEM, or the sink's
+ * error. */
 int wp_metrics_render(struct wp_metrics *m, int (*sink)(void *user, const char *data, size_t len),
                       void *user);
 

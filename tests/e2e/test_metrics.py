@@ -9,6 +9,7 @@ import asyncio
 import base64
 import ipaddress
 import os
+import socket
 import sys
 import urllib.request
 
@@ -108,6 +109,60 @@ class MetricsTest(WaypointTestCase):
             self.assertEqual(value('istio_tcp_connections_closed'), K)
             self.assertEqual(value('istio_tcp_received_bytes'), K * PAYLOAD)
             self.assertEqual(value('istio_tcp_sent_bytes'), K * PAYLOAD)
+
+    def raw_get(self, addr, request):
+        """Sends request on a fresh connection, reads to EOF: (head lines, body bytes)."""
+        ip, port = addr.rsplit(':', 1)
+        with socket.create_connection((ip, int(port)), timeout=10) as s:
+            s.sendall(request)
+            data = b''
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b'\r\n\r\n')
+        return head.decode().split('\r\n'), body
+
+    def dechunk(self, body):
+        """Strict chunked decoding: sizes in hex, CRLF after each chunk, last chunk 0."""
+        out = b''
+        while True:
+            line, sep, body = body.partition(b'\r\n')
+            self.assertEqual(sep, b'\r\n', 'truncated chunk size line')
+            size = int(line, 16)
+            if size == 0:
+                self.assertEqual(body, b'\r\n', 'after the last chunk')
+                return out
+            self.assertGreaterEqual(len(body), size + 2)
+            out += body[:size]
+            self.assertEqual(body[size:size + 2], b'\r\n')
+            body = body[size + 2:]
+
+    async def test_page_streamed_chunked_or_close_delimited(self):
+        """HTTP/1.1 gets a chunked page, HTTP/1.0 the same bytes delimited by the close, HEAD
+        the head only; both parse."""
+        for addr in (self.prom_addr, self.metrics_addr):
+            head11, body11 = await asyncio.to_thread(
+                self.raw_get, addr, b'GET /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n')
+            head10, body10 = await asyncio.to_thread(
+                self.raw_get, addr, b'GET /stats/prometheus HTTP/1.0\r\n\r\n')
+            headh, bodyh = await asyncio.to_thread(
+                self.raw_get, addr, b'HEAD /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n')
+            self.assertEqual(head11[0], 'HTTP/1.1 200 OK')
+            self.assertIn('Transfer-Encoding: chunked', head11)
+            self.assertFalse([h for h in head11 if h.lower().startswith('content-length')])
+            self.assertEqual(head10[0], 'HTTP/1.1 200 OK')
+            self.assertFalse([h for h in head10 if h.lower().startswith(('content-length',
+                                                                          'transfer-encoding'))])
+            self.assertEqual(headh[0], 'HTTP/1.1 200 OK')
+            self.assertEqual(bodyh, b'')
+            page = self.dechunk(body11)
+            self.assertEqual(page, body10)  # no traffic in between: same page
+            self.assertTrue(page.endswith(b'\n'))
+            fams = self.families(page.decode())
+            self.assertIn('istio_build', fams)
+            self.assertIn('istio_waypoint_metrics_overflow', fams)
 
     async def test_status_port_serves_readiness_not_admin(self):
         with urllib.request.urlopen('http://%s/healthz/ready' % self.metrics_addr,

@@ -17,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "page_fixture.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/metrics.h"
 
@@ -727,6 +728,190 @@ static void test_four_shards_concurrent_with_render_totals_exact(void)
         wp_metrics_free(m);
 }
 
+/* Appends to a growable text (the caller frees t->data). */
+static int text_sink_append(struct wp_metrics_text *t, const char *p, size_t n)
+{
+        char *q = realloc(t->data, t->len + n + 1);
+
+        if (!q)
+                return -ENOMEM;
+        memcpy(q + t->len, p, n);
+        t->data = q;
+        t->len += n;
+        t->data[t->len] = 0;
+        return 0;
+}
+
+/* Reads a whole page in reads of at most step bytes; returns its length and FNV-1a hash. */
+static size_t page_digest(struct wp_metrics *m, size_t step, uint64_t *ret_fnv)
+{
+        struct wp_metrics_page *pg = NULL;
+        uint64_t h = 0xcbf29ce484222325ull;
+        char *buf = malloc(step);
+        size_t total = 0, n, i;
+
+        if (!buf || wp_metrics_page_new(m, &pg) < 0)
+                abort();
+        while ((n = wp_metrics_page_read(pg, buf, step)) > 0) {
+                CHECK(n <= step);
+                for (i = 0; i < n; i++) {
+                        h ^= (unsigned char)buf[i];
+                        h *= 0x100000001b3ull;
+                }
+                total += n;
+        }
+        CHECK_INT_EQ(wp_metrics_page_read(pg, buf, step), 0); /* stays at the end */
+        wp_metrics_page_free(pg);
+        free(buf);
+        *ret_fnv = h;
+        return total;
+}
+
+/* The streamed page is byte-identical to the page of the one-buffer renderer it replaced
+ * (length and hash recorded from it, page_fixture.h), in one piece and read in any steps. */
+static void test_page_byte_identical_to_previous_renderer(void)
+{
+        static const size_t steps[] = {1, 2, 7, 100, 4093, 65536, 1 << 20};
+        struct wp_metrics *m = fixture_new(), *e = fixture_empty();
+        char *page;
+        uint64_t h;
+        size_t i;
+
+        REQUIRE(m && e);
+        page = render(m);
+        REQUIRE(page);
+        CHECK_INT_EQ(strlen(page), PAGE_FIXTURE_LEN);
+        CHECK(fixture_fnv1a(page, strlen(page)) == PAGE_FIXTURE_FNV);
+        /* the fixture covers what it claims to */
+        CHECK(strstr(page, "istio_waypoint_metrics_overflow_total{family=\"http\"} 12\n"));
+        CHECK(strstr(page, "source_workload=\"quote\\\"back\\\\slash\""));
+        CHECK(strstr(page, "source_workload=\"new\\nline\""));
+        CHECK(strstr(page, "tag=\"1.24.0-\\\"q\\\"\\\\\"} 1\n"));
+        CHECK(strstr(page, "grpc_response_status=\"14\""));
+        free(page);
+        for (i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+                CHECK_INT_EQ(page_digest(m, steps[i], &h), PAGE_FIXTURE_LEN);
+                CHECK(h == PAGE_FIXTURE_FNV);
+        }
+        CHECK_INT_EQ(page_digest(e, 3, &h), PAGE_EMPTY_LEN);
+        CHECK(h == PAGE_EMPTY_FNV);
+        wp_metrics_free(m);
+        wp_metrics_free(e);
+}
+
+/* A page of tens of MiB is produced through a fixed buffer; the page holds a few KiB plus 8
+ * bytes per series, whatever the page's length. */
+static void test_page_memory_independent_of_page_length(void)
+{
+        struct wp_metrics *m = new_registry(2, 0);
+        struct wp_metrics_http o = {.response_code = 200, .grpc_status = -1, .duration_ms = 5};
+        struct wp_metrics_page *pg = NULL, *small = NULL;
+        struct wp_metrics_labels l;
+        size_t total = 0, n, fixed;
+        char name[32], buf[4096];
+        unsigned i;
+
+        REQUIRE(m);
+        labels_a(&l);
+        SET(&l, WP_ML_SOURCE_WORKLOAD, "first");
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 0), &l, &o), 0);
+        REQUIRE(wp_metrics_page_new(m, &small) == 0);
+        fixed = wp_metrics_page_bytes(small) - sizeof(void *);
+        wp_metrics_page_free(small);
+        CHECK(fixed < 64 * 1024);
+        for (i = 0; i < 1000; i++) {
+                snprintf(name, sizeof(name), "w-%04u", i);
+                SET(&l, WP_ML_SOURCE_WORKLOAD, name);
+                CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, i % 2), &l, &o), 0);
+        }
+        REQUIRE(wp_metrics_page_new(m, &pg) == 0);
+        CHECK_INT_EQ(wp_metrics_page_bytes(pg), fixed + 1001 * sizeof(void *));
+        while ((n = wp_metrics_page_read(pg, buf, sizeof(buf))) > 0)
+                total += n;
+        fprintf(stderr, "  page %zu bytes through a %zu-byte buffer; page holds %zu bytes\n", total,
+                sizeof(buf), wp_metrics_page_bytes(pg));
+        CHECK(total > 40u * 1024 * 1024);
+        CHECK(wp_metrics_page_bytes(pg) * 200 < total);
+        wp_metrics_page_free(pg);
+        wp_metrics_free(m);
+}
+
+/* A page shows the series published when it started, with the values current when each line
+ * is produced; a page freed half-way leaks nothing (ASan); several pages at once. */
+static void test_page_view_fixed_at_start_values_live(void)
+{
+        struct wp_metrics *m = new_registry(2, 0);
+        struct wp_metrics_http o = {.response_code = 200, .grpc_status = -1};
+        struct wp_metrics_page *pg = NULL, *pg2 = NULL, *half = NULL;
+        struct wp_metrics_text t = {0};
+        struct wp_metrics_labels l;
+        char buf[512];
+        size_t n;
+
+        REQUIRE(m);
+        labels_a(&l);
+        SET(&l, WP_ML_SOURCE_WORKLOAD, "old");
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 0), &l, &o), 0);
+        REQUIRE(wp_metrics_page_new(m, &pg) == 0);
+        REQUIRE(wp_metrics_page_new(m, &half) == 0);
+        CHECK_INT_EQ(wp_metrics_page_read(half, buf, sizeof(buf)), sizeof(buf));
+        half = wp_metrics_page_free(half);
+        CHECK(half == NULL);
+        /* after the page started: a new series, and a second observation of the old one on
+         * another shard */
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 1), &l, &o), 0);
+        SET(&l, WP_ML_SOURCE_WORKLOAD, "new");
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 0), &l, &o), 0);
+        REQUIRE(wp_metrics_page_new(m, &pg2) == 0);
+        while ((n = wp_metrics_page_read(pg, buf, sizeof(buf))) > 0)
+                CHECK(text_sink_append(&t, buf, n) == 0);
+        CHECK(strstr(t.data, "source_workload=\"old\"") != NULL);
+        CHECK(strstr(t.data, "source_workload=\"new\"") == NULL);
+        /* the old series' shard-1 twin was published after the page started: not summed */
+        CHECK(strstr(t.data, "connection_security_policy=\"mutual_tls\"} 1\n") != NULL);
+        free(t.data);
+        t.data = NULL;
+        t.len = 0;
+        while ((n = wp_metrics_page_read(pg2, buf, sizeof(buf))) > 0)
+                CHECK(text_sink_append(&t, buf, n) == 0);
+        CHECK(strstr(t.data, "source_workload=\"new\"") != NULL);
+        CHECK(strstr(t.data, "source_workload=\"old\"") != NULL);
+        CHECK(strstr(t.data, "connection_security_policy=\"mutual_tls\"} 2\n") != NULL);
+        free(t.data);
+        wp_metrics_page_free(pg);
+        wp_metrics_page_free(pg2);
+        CHECK_INT_EQ(wp_metrics_page_new(NULL, &pg), -EINVAL);
+        CHECK_INT_EQ(wp_metrics_page_new(m, NULL), -EINVAL);
+        CHECK(wp_metrics_page_free(NULL) == NULL);
+        CHECK_INT_EQ(wp_metrics_page_bytes(NULL), 0);
+        wp_metrics_free(m);
+}
+
+static int fa_page(void *arg)
+{
+        struct wp_metrics *m = arg;
+        struct wp_metrics_page *pg = NULL;
+        char buf[1000];
+        size_t total = 0, n;
+        int r = wp_metrics_page_new(m, &pg);
+
+        if (r < 0)
+                return r;
+        while ((n = wp_metrics_page_read(pg, buf, sizeof(buf))) > 0)
+                total += n;
+        wp_metrics_page_free(pg);
+        return total == PAGE_FIXTURE_LEN ? 0 : -EPROTO;
+}
+
+static void test_failalloc_page(void)
+{
+        struct wp_metrics *m = fixture_new();
+
+        REQUIRE(m);
+        CHECK(check_failalloc_run(fa_page, m) >= 3);
+        wp_metrics_free(m);
+}
+
 static void test_config_rejected_when_invalid(void)
 {
         struct wp_metrics_config cfg = {.n_shards = 0};
@@ -1027,6 +1212,10 @@ int main(void)
         RUN(test_whole_page_parsed_by_prometheus_client);
         RUN(test_cardinality_cap_keeps_memory_flat);
         RUN(test_four_shards_concurrent_with_render_totals_exact);
+        RUN(test_page_byte_identical_to_previous_renderer);
+        RUN(test_page_memory_independent_of_page_length);
+        RUN(test_page_view_fixed_at_start_values_live);
+        RUN(test_failalloc_page);
         RUN(test_config_rejected_when_invalid);
         RUN(test_render_propagates_sink_error);
         RUN(test_render_file);
