@@ -5,12 +5,18 @@
  * Send: hbone_session_pull -> wp_tls_write -> wp_tls_output -> send op. One recv and one send op
  * are in flight at most; output is flushed from a deferred task so that many stream writes in one
  * loop iteration become one send.
+ *
+ * Memory: an idle connection holds no 64 KiB I/O buffer. Receives go into a small buffer inside
+ * the connection until one fills it; then a large buffer is borrowed from a per-thread cache and
+ * kept while reads stay large, and given back after a small read. The send buffer is borrowed
+ * only while there is output. (Each pending receive needs its buffer: that is io_uring's model.)
  */
 #include "hbone/conn.h"
 
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -19,8 +25,10 @@
 #include "waypoint/base/time.h"
 #include "waypoint/base/util.h"
 
-#define RBUF_SIZE (64 * 1024)
-#define SBUF_SIZE (64 * 1024)
+#define BIG_BUF    (64 * 1024)
+#define RBUF_SMALL 4096
+/* Large buffers kept per thread for reuse (beyond this they are freed). */
+#define BIG_CACHE_MAX 8
 /* Stop pulling from the session while this much ciphertext already waits in the TLS BIO. */
 #define TLS_OUT_HIGH (256 * 1024)
 /* How long a connection that is closing gets to flush its last frames (GOAWAY, alert). */
@@ -44,7 +52,7 @@ struct hbone_conn {
         bool server;
         bool draining;
         bool shut_wr;
-        bool in_recv; /* processing input: defer the flush */
+        bool in_recv;  /* processing input: defer the flush */
         unsigned busy; /* inside one of our callbacks: on_closed waits until it returns */
         int fd;
         struct wp_tls *tls;
@@ -52,14 +60,63 @@ struct hbone_conn {
         struct wp_op recv_op, send_op, connect_op;
         struct wp_timer timer;
         struct wp_task flush_task;
-        uint8_t *rbuf;
-        uint8_t *sbuf;
+        uint8_t *rbig; /* borrowed large receive buffer, or NULL: receive into rsmall */
+        uint8_t *sbuf; /* borrowed while output is queued, else NULL */
         size_t soff, slen;
         int close_err;
         const char *close_why;
         char why_buf[160];
         struct sockaddr_storage peer, local;
+        uint8_t rsmall[RBUF_SMALL];
 };
+
+/* ---- per-thread cache of large buffers ---- */
+
+struct big_cache {
+        unsigned n;
+        uint8_t *b[BIG_CACHE_MAX];
+};
+
+static __thread struct big_cache *big_cache;
+static pthread_key_t big_cache_key;
+static pthread_once_t big_cache_once = PTHREAD_ONCE_INIT;
+
+static void big_cache_destroy(void *p)
+{
+        struct big_cache *bc = p;
+
+        while (bc->n)
+                wp_free(bc->b[--bc->n]);
+        wp_free(bc);
+}
+
+static void big_cache_init(void)
+{
+        pthread_key_create(&big_cache_key, big_cache_destroy);
+}
+
+static uint8_t *big_get(void)
+{
+        if (big_cache && big_cache->n)
+                return big_cache->b[--big_cache->n];
+        return wp_malloc(BIG_BUF);
+}
+
+static void big_put(uint8_t *b)
+{
+        if (!b)
+                return;
+        if (!big_cache) {
+                pthread_once(&big_cache_once, big_cache_init);
+                big_cache = wp_calloc(1, sizeof(*big_cache));
+                if (big_cache)
+                        pthread_setspecific(big_cache_key, big_cache); /* freed at thread exit */
+        }
+        if (big_cache && big_cache->n < BIG_CACHE_MAX)
+                big_cache->b[big_cache->n++] = b;
+        else
+                wp_free(b);
+}
 
 static __thread uint8_t plain_scratch[64 * 1024];
 
@@ -133,7 +190,10 @@ static void arm_recv(struct hbone_conn *c)
 {
         if (c->state >= CONN_CLOSING || wp_op_inflight(&c->recv_op))
                 return;
-        wp_loop_recv(c->cfg.loop, &c->recv_op, c->fd, c->rbuf, RBUF_SIZE);
+        if (c->rbig)
+                wp_loop_recv(c->cfg.loop, &c->recv_op, c->fd, c->rbig, BIG_BUF);
+        else
+                wp_loop_recv(c->cfg.loop, &c->recv_op, c->fd, c->rsmall, RBUF_SMALL);
 }
 
 static void schedule_tick(struct hbone_conn *c)
@@ -263,9 +323,16 @@ static void on_recv_body(struct wp_op *op, int res)
                         hbone_conn_close(c, res, NULL);
                 return;
         }
-        if (wp_tls_feed(c->tls, c->rbuf, (size_t)res) < 0) {
+        if (wp_tls_feed(c->tls, c->rbig ? c->rbig : c->rsmall, (size_t)res) < 0) {
                 hbone_conn_close(c, -ENOMEM, "out of memory");
                 return;
+        }
+        /* the bytes are in the TLS BIO now: pick the buffer for the next read */
+        if (!c->rbig && res == RBUF_SMALL) {
+                c->rbig = big_get(); /* stays small if that fails */
+        } else if (c->rbig && res <= RBUF_SMALL) {
+                big_put(c->rbig);
+                c->rbig = NULL;
         }
         c->in_recv = true;
         process_input(c);
@@ -278,13 +345,21 @@ static void on_recv_body(struct wp_op *op, int res)
 
 static void fill_sbuf(struct hbone_conn *c)
 {
-        c->soff = 0;
-        c->slen = wp_tls_output(c->tls, c->sbuf, SBUF_SIZE);
+        c->soff = c->slen = 0;
+        if (!c->sbuf) {
+                if (!wp_tls_output_pending(c->tls) &&
+                    (!c->sess || !hbone_session_want_write(c->sess)))
+                        return;
+                c->sbuf = big_get();
+                if (!c->sbuf)
+                        return; /* retried at the next flush */
+        }
+        c->slen = wp_tls_output(c->tls, c->sbuf, BIG_BUF);
         if (c->state != CONN_ESTABLISHED && c->state != CONN_LINGER)
                 return;
         if (!c->sess || !wp_tls_handshake_done(c->tls))
                 return;
-        while (c->slen < SBUF_SIZE && wp_tls_output_pending(c->tls) < TLS_OUT_HIGH) {
+        while (c->slen < BIG_BUF && wp_tls_output_pending(c->tls) < TLS_OUT_HIGH) {
                 const uint8_t *data;
                 ssize_t n = hbone_session_pull(c->sess, &data);
 
@@ -292,7 +367,7 @@ static void fill_sbuf(struct hbone_conn *c)
                         break;
                 if (wp_tls_write(c->tls, data, (size_t)n) < 0)
                         break;
-                c->slen += wp_tls_output(c->tls, c->sbuf + c->slen, SBUF_SIZE - c->slen);
+                c->slen += wp_tls_output(c->tls, c->sbuf + c->slen, BIG_BUF - c->slen);
         }
 }
 
@@ -305,11 +380,12 @@ static void conn_flush(struct hbone_conn *c)
         if (c->soff >= c->slen)
                 fill_sbuf(c);
         if (c->slen > c->soff) {
-                wp_loop_send(c->cfg.loop, &c->send_op, c->fd, c->sbuf + c->soff,
-                             c->slen - c->soff);
+                wp_loop_send(c->cfg.loop, &c->send_op, c->fd, c->sbuf + c->soff, c->slen - c->soff);
                 return;
         }
-        /* Nothing left to send. */
+        /* Nothing left to send: give the buffer back. */
+        big_put(c->sbuf);
+        c->sbuf = NULL;
         if (c->state == CONN_LINGER) {
                 if (!c->shut_wr) {
                         c->shut_wr = true;
@@ -404,7 +480,6 @@ static void on_connect_body(struct wp_op *op, int res)
         start_handshake(c);
 }
 
-
 /* Every entry from the loop goes through enter/leave: a callback may close the connection, and
  * the owner's on_closed (which frees it) must only run once we no longer touch it. */
 static void conn_leave(struct hbone_conn *c)
@@ -477,23 +552,13 @@ static int conn_alloc(const struct hbone_conn_config *cfg, bool server, struct h
         wp_op_init(&c->connect_op, on_connect);
         c->timer.on_fire = on_timer;
         c->flush_task.run = on_flush_task;
-        c->rbuf = wp_malloc(RBUF_SIZE);
-        c->sbuf = wp_malloc(SBUF_SIZE);
-        if (!c->rbuf || !c->sbuf) {
-                r = -ENOMEM;
-                goto err_free;
-        }
         r = wp_tls_new(cfg->tls_ctx, &c->tls);
-        if (r < 0)
-                goto err_free;
+        if (r < 0) {
+                wp_free(c);
+                return r;
+        }
         *ret = c;
         return 0;
-
-err_free:
-        wp_free(c->rbuf);
-        wp_free(c->sbuf);
-        wp_free(c);
-        return r;
 }
 
 static void set_nodelay(int fd)
@@ -552,8 +617,7 @@ int hbone_conn_connect(const struct hbone_conn_config *cfg, const struct sockadd
         if (cfg->connect_timeout_ms)
                 wp_timer_arm(cfg->loop, &c->timer,
                              wp_now_ns() + cfg->connect_timeout_ms * WP_NSEC_PER_MSEC);
-        wp_loop_connect(cfg->loop, &c->connect_op, fd, (const struct sockaddr *)&c->peer,
-                        addrlen);
+        wp_loop_connect(cfg->loop, &c->connect_op, fd, (const struct sockaddr *)&c->peer, addrlen);
         *ret = c;
         return 0;
 }
@@ -567,8 +631,8 @@ struct hbone_conn *hbone_conn_free(struct hbone_conn *c)
         wp_tls_free(c->tls);
         if (c->fd >= 0)
                 close(c->fd);
-        wp_free(c->rbuf);
-        wp_free(c->sbuf);
+        big_put(c->rbig);
+        big_put(c->sbuf);
         wp_free(c);
         return NULL;
 }
