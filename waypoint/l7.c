@@ -1,16 +1,25 @@
 /*
- * HTTP/1.1 inside HBONE tunnels (see l7.h).
+ * HTTP inside HBONE tunnels (see l7.h).
  *
- * One struct l7t per downstream tunnel, one struct l7up per upstream HTTP/1.1 connection (a
- * CONNECT stream on a pooled HBONE connection, or a TCP socket). A request goes through:
- *   head parsed -> filters -> route -> endpoint pick -> upstream acquired (idle one reused, or a
- *   new one) -> head + body streamed up -> response parsed, mutated, streamed down -> the
- *   upstream connection goes back to the idle list when both messages ended cleanly.
+ * struct l7t is a request exchange, whatever the downstream codec: an HTTP/1.1 tunnel (M_H1:
+ * the tunnel and its current request), an inner HTTP/2 connection (M_H2CONN: the tunnel, no
+ * request), one stream of it (M_H2STREAM), or a mirrored copy (M_SHADOW). The codec-specific
+ * parts are few (t_req(), down_ready(), rx_consume(), t_relay_response_head(), t_resp_body(),
+ * the local reply and the end of a response); routing, filters, LB, retries and timeouts are
+ * shared. Upstream, struct l7up is an HTTP/1.1 connection (a CONNECT stream on a pooled HBONE
+ * connection, or a TCP socket) or the transport of a struct l7mux, an HTTP/2 session whose
+ * streams belong to many requests. A request goes through:
+ *   head (parsed, or from the codec) -> filters -> route -> endpoint pick -> upstream acquired
+ *   (idle HTTP/1.1 connection or new one; live HTTP/2 session with room or new one) -> head +
+ *   body streamed up -> response mutated, streamed down -> the upstream connection goes back to
+ *   the idle list when both messages ended cleanly / the stream closes.
  *
- * Flow control: bytes received from the downstream stay in t->rx (credit withheld) until the
- * parser consumed them and their body bytes were accepted upstream; response bytes are only
- * parsed while the downstream send queue (t->dq) is empty. Memory per direction is bounded by
- * the HTTP/2 windows (HBONE) or by reading from a TCP upstream only when its buffer is drained.
+ * Flow control: bytes received from the downstream stay in t->rx (credit withheld: HBONE for
+ * HTTP/1.1, the inner stream for HTTP/2) until their body bytes were accepted upstream;
+ * response bytes are only taken while the downstream queue is short (t->dq for HTTP/1.1, the
+ * inner stream's queue for HTTP/2; an HTTP/2 upstream's credit is returned only then). Memory
+ * per direction is bounded by the HTTP/2 windows or by reading from a TCP upstream only when
+ * its buffer is drained.
  */
 #include "waypoint/l7.h"
 
@@ -32,6 +41,7 @@
 #include "waypoint/base/log.h"
 #include "waypoint/base/time.h"
 #include "waypoint/base/util.h"
+#include "waypoint/h2.h"
 #include "waypoint/http1.h"
 #include "waypoint/lb.h"
 #include "waypoint/metrics.h"
@@ -44,6 +54,9 @@
 #define L7_MAX_IDLE     256          /* idle upstream connections per worker */
 #define L7_ROUTE_BUF    8192         /* rewritten path / Location */
 #define L7_HEAD_MAX     (256 * 1024) /* a serialized head */
+#define L7_H2_SQ_HIGH   (64 * 1024)  /* stop reading the upstream above this per inner stream */
+#define L7_MIRROR_BODY  (64 * 1024)  /* a mirrored request's body; larger ones are not mirrored */
+#define L7_MAX_SHADOWS  4
 
 enum { OBJ_TUNNEL = 1, OBJ_UP = 2 };
 
@@ -60,15 +73,17 @@ struct dbuf {
         size_t off, len, cap;
 };
 
-
 struct l7t;
+struct l7mux;
 
-/* An upstream HTTP/1.1 connection. */
+/* An upstream HTTP/1.1 connection, or the byte transport of an upstream HTTP/2 session. */
 struct l7up {
         struct l7obj obj;
         struct wp_worker *w;
         struct wp_loop *loop;
         struct l7t *owner; /* NULL while idle */
+        struct l7mux *mux; /* the HTTP/2 session this connection carries (no owner then) */
+        bool mux_io;       /* it was created for a session (counted in tls.nmux_io) */
         char key[WP_AUTHORITY_MAX + 2];
         bool hbone;
         bool ready;  /* connected (TCP) / CONNECT answered 200 (HBONE) */
@@ -97,6 +112,35 @@ struct l7up {
         struct dbuf sbuf; /* being sent (stable while send_op is in flight) */
         bool closing;
         struct wp_timer connect_timer;
+};
+
+/* What a struct l7t is: an HTTP/1.1 tunnel (the tunnel and its current request), an inner
+ * HTTP/2 connection on a tunnel (no request of its own), one request on such a connection, or
+ * a mirrored (shadow) copy of a request, whose response is dropped. */
+enum l7_mode { M_H1, M_H2CONN, M_H2STREAM, M_SHADOW };
+
+/* An upstream HTTP/2 session (h2c inside an HBONE tunnel, or over TCP) to one endpoint, per
+ * worker, carrying the streams of many requests at once. */
+struct l7mux {
+        struct wp_worker *w;
+        struct wp_loop *loop;
+        char key[WP_AUTHORITY_MAX + 2];
+        bool hbone;
+        bool ready;   /* the transport is up */
+        bool dead;    /* failed or finished: its requests are failed over, then it is freed */
+        bool goaway;  /* no new streams */
+        bool freeing; /* freed by the queued task */
+        bool connect_failure;
+        const char *why;
+        struct l7up *io;
+        struct wp_h2 *h2;
+        struct wp_list link;    /* tls.muxes */
+        struct wp_list waiting; /* requests waiting for the transport or a stream slot */
+        struct wp_list active;  /* requests with a stream */
+        unsigned nusers;
+        struct wp_task task;
+        struct wp_timer idle_timer;
+        uint64_t idle_ns;
 };
 
 enum l7_state {
@@ -168,13 +212,45 @@ struct l7t {
         unsigned status;        /* status sent downstream, for logs */
         uint64_t start_ns;
         /* telemetry of the current request (t_record) */
-        char baggage[512];      /* the CONNECT's baggage (source labels without WDS) */
+        char baggage[512]; /* the CONNECT's baggage (source labels without WDS) */
         int64_t start_unix_ns;
         uint64_t req_wire, resp_wire; /* downstream wire bytes received / sent */
         uint64_t req_body, resp_body; /* body bytes of both */
         uint64_t xflags;              /* WP_AL_F(URX), WP_AL_F(DC) */
         bool req_open;                /* a request is being served and was not recorded yet */
         bool have_head;               /* its head was parsed (else a parse error) */
+        bool grpc;                    /* content-type application/grpc */
+        bool down_ended;              /* the response's END_STREAM is queued downstream */
+        char attempt_str[12];         /* x-envoy-attempt-count value */
+        char set_cookie[512];         /* generated hash cookie (Set-Cookie value) */
+        const struct wp_headers *resp_trailers; /* for t_record (grpc-status) */
+        /* HTTP/2 */
+        enum l7_mode mode;
+        struct wp_h2 *h2;           /* M_H2CONN: the inner session */
+        struct wp_task h2flush;     /* M_H2CONN: deferred output */
+        bool h2dead;                /* M_H2CONN: freed by the flush task */
+        struct wp_list h2streams;   /* M_H2CONN: its M_H2STREAM requests */
+        struct wp_list h2conn_link; /* M_H2CONN: in tls.h2conns */
+        struct l7t *h2c;            /* M_H2STREAM: the connection (NULL once gone) */
+        struct wp_list h2link;
+        int32_t sid;
+        struct wp_http_request *h2req;       /* owned by the codec */
+        const struct wp_headers *h2trailers; /* request trailers (codec) */
+        /* HTTP/2 upstream */
+        bool up_h2; /* the cluster speaks HTTP/2 to this request */
+        bool req_no_body;
+        bool up_req_ended;                /* END_STREAM sent upstream */
+        struct l7mux *mux;                /* the session of the current attempt */
+        int32_t usid;                     /* its stream (0: not opened yet) */
+        struct wp_list mux_link;          /* mux->waiting or mux->active */
+        size_t mux_owed;                  /* response bytes not credited back upstream yet */
+        unsigned refused;                 /* attempts the upstream refused unprocessed */
+        struct wp_http_response *up_resp; /* the upstream's response head (codec) */
+        /* request mirroring */
+        struct l7t *shadows[L7_MAX_SHADOWS]; /* shadows still collecting this request's body */
+        struct l7t *parent;                  /* M_SHADOW: the request it copies, while collecting */
+        struct wp_http_request sreq;         /* M_SHADOW: its own copy of the head */
+        char *sbuf;                          /* M_SHADOW: the copy's strings */
 };
 
 /* ---- per-worker (thread-local) state ---- */
@@ -184,6 +260,11 @@ struct l7_tls {
         bool draining;
         struct wp_list idle;
         unsigned nidle;
+        struct wp_list muxes;
+        unsigned nmux;            /* sessions not freed yet (some may be off the list) */
+        unsigned nmux_io;         /* their transports not freed yet */
+        struct wp_list h2conns;   /* inner HTTP/2 connections (GOAWAY on drain) */
+        struct wp_loop *mux_loop; /* the worker's loop (sessions are per worker) */
         uint64_t rnd;
         uint64_t lb_version; /* snapshot version the LB states belong to */
         struct wp_lb_state **lbst;
@@ -199,6 +280,8 @@ static struct l7_tls *tls_get(void)
 
                 tls.init = true;
                 wp_list_init(&tls.idle);
+                wp_list_init(&tls.muxes);
+                wp_list_init(&tls.h2conns);
                 if (getrandom(&seed, sizeof(seed), 0) != (ssize_t)sizeof(seed))
                         seed = wp_now_ns();
                 tls.rnd = seed ^ 0x9E3779B97F4A7C15ULL;
@@ -340,6 +423,10 @@ static void up_close(struct l7up *up);
 static int up_send(struct l7up *up, const void *d, size_t n);
 static void t_upstream_failed(struct l7t *t, bool connect_failure, const char *why);
 static void t_start_attempt(struct l7t *t);
+static void t_up_drop(struct l7t *t);
+static void mux_attach(struct l7t *t);
+static void mux_kick(struct l7mux *m);
+static void mux_io_failed(struct l7mux *m, bool connect_failure, const char *why);
 
 /* ---- downstream output ---- */
 
@@ -407,10 +494,39 @@ static void down_shutdown(struct l7t *t)
         }
 }
 
+static void h2c_kick(struct l7t *c);
+
+/* The request head of t. */
+static struct wp_http_request *t_req(struct l7t *t)
+{
+        if (t->mode == M_SHADOW)
+                return &t->sreq;
+        return t->mode == M_H2STREAM ? t->h2req : wp_h1_parser_request(t->parser);
+}
+
+/* The downstream exists and can take more response bytes. */
+static bool down_ready(struct l7t *t)
+{
+        if (t->mode == M_SHADOW)
+                return true;
+        if (t->mode == M_H2STREAM)
+                return t->h2c && wp_h2_queued(t->h2c->h2, t->sid) < L7_H2_SQ_HIGH;
+        return t->down && down_flush(t);
+}
+
 /* Credit back to the downstream peer for n bytes consumed from t->rx. */
 static void rx_consume(struct l7t *t, size_t n)
 {
         dbuf_consume(&t->rx, n);
+        if (t->mode == M_SHADOW)
+                return;
+        if (t->mode == M_H2STREAM) {
+                if (t->h2c && n) {
+                        wp_h2_consume(t->h2c->h2, t->sid, n);
+                        h2c_kick(t->h2c);
+                }
+                return;
+        }
         if (t->down && n) {
                 hbone_stream_consume(t->down, n);
                 hbone_conn_kick(t->conn);
@@ -490,7 +606,7 @@ static void t_record_begin(struct l7t *t, bool have_head)
 static void t_record(struct l7t *t, const struct wp_http_response *resp)
 {
         struct wp_metrics_shard *sh = wp_worker_mshard(t->w);
-        const struct wp_http_request *req = t->have_head ? wp_h1_parser_request(t->parser) : NULL;
+        const struct wp_http_request *req = t->have_head ? t_req(t) : NULL;
         uint64_t now = wp_now_ns(), flags = t->xflags;
         const char *details = NULL;
         char flagbuf[128], principal[300], host[256];
@@ -518,18 +634,18 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
         if (sh) {
                 struct wp_metrics_labels l = {0};
                 struct wp_telemetry_peer p = {
-                    .src = (const struct sockaddr *)&t->src,
-                    .peer_uri = t->peer_principal,
-                    .baggage = t->baggage,
-                    .dst = ep,
-                    .cluster = cluster,
+                        .src = (const struct sockaddr *)&t->src,
+                        .peer_uri = t->peer_principal,
+                        .baggage = t->baggage,
+                        .dst = ep,
+                        .cluster = cluster,
                 };
                 struct wp_metrics_http obs = {
-                    .response_code = t->status,
-                    .grpc_status = -1,
-                    .duration_ms = (now - t->start_ns) / WP_NSEC_PER_MSEC,
-                    .request_bytes = t->req_wire,
-                    .response_bytes = t->resp_wire,
+                        .response_code = t->status,
+                        .grpc_status = -1,
+                        .duration_ms = (now - t->start_ns) / WP_NSEC_PER_MSEC,
+                        .request_bytes = t->req_wire,
+                        .response_bytes = t->resp_wire,
                 };
 
                 wp_worker_metric_labels(t->snap, &p, &l, principal, sizeof(principal));
@@ -547,12 +663,18 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
                         host[n] = 0;
                         l.v[WP_ML_DESTINATION_SERVICE] = (struct wp_mstr){host, (uint32_t)n};
                 }
-                l.v[WP_ML_REQUEST_PROTOCOL] = (struct wp_mstr){"http", 4};
+                l.v[WP_ML_REQUEST_PROTOCOL] =
+                        t->grpc ? (struct wp_mstr){"grpc", 4} : (struct wp_mstr){"http", 4};
                 wp_al_flags_format(flags, flagbuf, sizeof(flagbuf));
                 l.v[WP_ML_RESPONSE_FLAGS] = (struct wp_mstr){flagbuf, (uint32_t)strlen(flagbuf)};
                 if (resp) {
-                        uint32_t n;
-                        const char *g = wp_headers_get(&resp->headers, "grpc-status", &n);
+                        uint32_t n = 0;
+                        const char *g = t->resp_trailers ? wp_headers_get(t->resp_trailers,
+                                                                          "grpc-status", &n)
+                                                         : NULL;
+
+                        if (!g)
+                                g = wp_headers_get(&resp->headers, "grpc-status", &n);
 
                         if (g && n > 0 && n < 4) {
                                 int v = 0;
@@ -566,26 +688,27 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
         }
         if (t->chain->nlogs) {
                 struct wp_al_ctx c = {
-                    .start_unix_ns = t->start_unix_ns,
-                    .start_ns = t->start_ns,
-                    .request_end_ns = t->req_done ? now : 0,
-                    .end_ns = now,
-                    .bytes_received = t->req_body,
-                    .bytes_sent = t->resp_body,
-                    .response_flags = flags,
-                    .response_code = t->status,
-                    .upstream_request_attempt_count = t->attempts,
-                    .req = req,
-                    .resp = resp,
-                    .response_code_details = details,
-                    .upstream_cluster = cluster,
-                    .route_name = t->res.action != WP_ROUTE_ACTION_NONE ? t->res.route_name : NULL,
-                    .downstream_peer_uri_san = t->peer_principal,
-                    .upstream_host = ep,
-                    .downstream_local = (const struct sockaddr *)&t->dst,
-                    .downstream_remote = (const struct sockaddr *)&t->src,
-                    .filter_state = &fs,
-                    .n_filter_state = 1,
+                        .start_unix_ns = t->start_unix_ns,
+                        .start_ns = t->start_ns,
+                        .request_end_ns = t->req_done ? now : 0,
+                        .end_ns = now,
+                        .bytes_received = t->req_body,
+                        .bytes_sent = t->resp_body,
+                        .response_flags = flags,
+                        .response_code = t->status,
+                        .upstream_request_attempt_count = t->attempts,
+                        .req = req,
+                        .resp = resp,
+                        .response_code_details = details,
+                        .upstream_cluster = cluster,
+                        .route_name =
+                                t->res.action != WP_ROUTE_ACTION_NONE ? t->res.route_name : NULL,
+                        .downstream_peer_uri_san = t->peer_principal,
+                        .upstream_host = ep,
+                        .downstream_local = (const struct sockaddr *)&t->dst,
+                        .downstream_remote = (const struct sockaddr *)&t->src,
+                        .filter_state = &fs,
+                        .n_filter_state = 1,
                 };
 
                 if (t->src.ss_family != AF_INET && t->src.ss_family != AF_INET6)
@@ -594,11 +717,19 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
         }
         t->req_wire = 0;
         t->resp_wire = 0;
+        t->resp_trailers = NULL;
 }
 
 /* Ends the current request's bookkeeping (LB counts, filters, timers). */
+static void shadow_drop(struct l7t *s);
+
 static void req_cleanup(struct l7t *t)
 {
+        for (int i = 0; i < L7_MAX_SHADOWS; i++)
+                if (t->shadows[i]) {
+                        shadow_drop(t->shadows[i]); /* its body never completed */
+                        t->shadows[i] = NULL;
+                }
         if (t->lbst) {
                 wp_lb_request_end(t->lbst, t->ep_idx);
                 t->lbst = wp_lb_state_unref(t->lbst);
@@ -625,7 +756,17 @@ static void t_request_done(struct l7t *t)
                  t->flag ? t->flag : "-", t->ep ? t->ep->authority : "-", t->attempts,
                  (unsigned long)((wp_now_ns() - t->start_ns) / 1000));
         t_record(t, NULL);
+        if (t->mode == M_SHADOW) {
+                shadow_drop(t);
+                return;
+        }
         req_cleanup(t);
+        if (t->mode == M_H2STREAM) {
+                /* the codec closes the stream (RST_STREAM(NO_ERROR) if the request is open) */
+                t->state = S_CLOSING;
+                t_process(t);
+                return;
+        }
         if (t->close_after || (t->eof_in && !t->rx.len)) {
                 t->state = S_CLOSING;
                 down_shutdown(t);
@@ -633,6 +774,88 @@ static void t_request_done(struct l7t *t)
         }
         t->state = S_IDLE;
         t_process(t);
+}
+
+/* gRPC status for a local reply's HTTP status (as Envoy's Grpc::Utility::httpToGrpcStatus). */
+static unsigned grpc_status_of(unsigned http)
+{
+        switch (http) {
+        case 400:
+                return 13; /* INTERNAL */
+        case 401:
+                return 16; /* UNAUTHENTICATED */
+        case 403:
+                return 7; /* PERMISSION_DENIED */
+        case 404:
+                return 12; /* UNIMPLEMENTED */
+        case 429:
+        case 502:
+        case 503:
+        case 504:
+                return 14; /* UNAVAILABLE */
+        default:
+                return 2; /* UNKNOWN */
+        }
+}
+
+/* grpc-message: percent-encoded (gRPC over HTTP/2 spec) into out. */
+static uint32_t grpc_message(char *out, size_t cap, const char *msg)
+{
+        size_t n = 0;
+
+        for (; *msg && n + 4 < cap; msg++) {
+                unsigned char c = (unsigned char)*msg;
+
+                if (c >= 0x20 && c <= 0x7e && c != '%')
+                        out[n++] = (char)c;
+                else
+                        n += (size_t)snprintf(out + n, cap - n, "%%%02X", c);
+        }
+        out[n] = 0;
+        return (uint32_t)n;
+}
+
+/* The local reply of a request on an inner HTTP/2 stream; a gRPC request gets a gRPC-shaped one
+ * (200, trailers-only with grpc-status and grpc-message). */
+static void t_local_reply_h2(struct l7t *t, struct wp_http_response *resp, const char *body,
+                             size_t blen, int r)
+{
+        struct wp_h2 *h2 = t->h2c ? t->h2c->h2 : NULL;
+        char code[8], msg[512];
+        bool headers_only = t->grpc || !blen || t->is_head;
+
+        if (t->grpc) {
+                snprintf(code, sizeof(code), "%u", grpc_status_of(resp->status));
+                wp_headers_remove(&resp->headers, "content-type");
+                resp->status = 200;
+                resp->content_length = -1;
+                t->status = 200;
+                r |= wp_headers_add(&resp->headers, "content-type", 12, "application/grpc", 16);
+                r |= wp_headers_add(&resp->headers, "grpc-status", 11, code,
+                                    (uint32_t)strlen(code));
+                if (blen)
+                        r |= wp_headers_add(&resp->headers, "grpc-message", 12, msg,
+                                            grpc_message(msg, sizeof(msg), body));
+        }
+        if (r == 0 && h2) {
+                r = wp_h2_respond(h2, t->sid, resp, headers_only);
+                if (r == 0 && !headers_only) {
+                        r = wp_h2_send(h2, t->sid, body, blen);
+                        if (r == 0)
+                                r = wp_h2_end(h2, t->sid, NULL);
+                        t->resp_body += blen;
+                        t->resp_wire += blen;
+                }
+                h2c_kick(t->h2c);
+        }
+        t_record(t, r == 0 ? resp : NULL);
+        wp_headers_done(&resp->headers);
+        t->resp_started = true;
+        if (r < 0) {
+                t_abort(t, HBONE_H2_INTERNAL_ERROR);
+                return;
+        }
+        t_request_done(t);
 }
 
 /*
@@ -646,12 +869,15 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
         size_t blen = body ? strlen(body) : 0;
         int r = 0;
 
+        if (t->mode == M_SHADOW) {
+                wp_debug("l7", "[T%lu] mirror: %u (%s)", (unsigned long)t->id, status,
+                         flag ? flag : "-");
+                shadow_drop(t);
+                return;
+        }
         t->flag = flag;
         t->status = status;
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         wp_headers_init(&resp.headers);
         resp.content_length = (int64_t)blen;
         if (blen)
@@ -662,13 +888,19 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
         if (t->res.action != WP_ROUTE_ACTION_NONE && t->res.n_response_ops)
                 r |= wp_route_headers_apply(t->res.response_ops, t->res.n_response_ops,
                                             &resp.headers);
+        if (t->mode == M_H2STREAM) {
+                wp_debug("l7", "[T%lu/%d] local reply %u (%s)", (unsigned long)t->id, t->sid,
+                         status, flag ? flag : "-");
+                t_local_reply_h2(t, &resp, body, blen, r);
+                return;
+        }
         if (!t->req_done && t->state != S_IDLE && !close) {
                 /* the rest of the request body is read and dropped, unless it is an upgrade */
                 if (wp_h1_parser_info(t->parser)->conn_upgrade ||
                     (wp_h1_parser_request(t->parser) && wp_h1_parser_request(t->parser)->upgrade))
                         close = true;
         }
-        if (close || t->close_after) {
+        if (close || t->close_after || tls_get()->draining) {
                 close = true;
                 wp_headers_remove(&resp.headers, "connection");
                 r |= wp_headers_add(&resp.headers, "connection", 10, "close", 5);
@@ -711,6 +943,8 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
 
 static void up_free(struct l7up *up)
 {
+        if (up->mux_io)
+                tls_get()->nmux_io--;
         wp_h1_parser_free(up->parser);
         dbuf_free(&up->rx);
         dbuf_free(&up->txq);
@@ -801,7 +1035,9 @@ static void up_release(struct l7up *up, bool reuse)
 static void up_fail(struct l7up *up, bool connect_failure, const char *why)
 {
         up->dead = true;
-        if (up->owner)
+        if (up->mux)
+                mux_io_failed(up->mux, connect_failure, why);
+        else if (up->owner)
                 t_upstream_failed(up->owner, connect_failure, why);
         else
                 up_close(up);
@@ -878,7 +1114,9 @@ static void up_rx_consumed(struct l7up *up, size_t n)
 
 static void up_has_input(struct l7up *up)
 {
-        if (up->owner)
+        if (up->mux)
+                mux_kick(up->mux);
+        else if (up->owner)
                 t_process_up(up->owner);
         else if (up->rx.len || up->eof_in)
                 up_close(up); /* idle: unexpected bytes, or the peer closed */
@@ -895,8 +1133,12 @@ static void up_became_ready(struct l7up *up)
                 tcp_arm_recv(up);
                 tcp_flush(up);
         }
-        if (up->owner)
+        if (up->mux) {
+                up->mux->ready = true;
+                mux_kick(up->mux);
+        } else if (up->owner) {
                 t_up_ready(up->owner);
+        }
 }
 
 static void on_tcp_connect(struct wp_op *op, int res)
@@ -959,7 +1201,9 @@ static void on_tcp_send(struct wp_op *op, int res)
         }
         dbuf_consume(&up->sbuf, (size_t)res);
         tcp_flush(up);
-        if (up->owner && up_writable(up))
+        if (up->mux)
+                mux_kick(up->mux);
+        else if (up->owner && up_writable(up))
                 t_process(up->owner);
 }
 
@@ -968,9 +1212,9 @@ static void up_open_stream(struct l7up *up)
         for (int i = 0; i < 4; i++) {
                 struct hbone_conn *conn = wp_worker_pool_conn(&up->pr);
                 int r = conn && hbone_conn_session(conn) && !hbone_conn_closing(conn)
-                            ? hbone_session_open(hbone_conn_session(conn), up->key, NULL, 0,
-                                                 TAG(up), &up->st)
-                            : -ENOTCONN;
+                                ? hbone_session_open(hbone_conn_session(conn), up->key, NULL, 0,
+                                                     TAG(up), &up->st)
+                                : -ENOTCONN;
 
                 if (r == 0) {
                         up->conn = conn;
@@ -1002,28 +1246,39 @@ static void up_pool_ready(struct wp_pool_req *pr, struct hbone_conn *conn, int e
         up_open_stream(up);
 }
 
-/* A new upstream connection to ep for t (t->up is set before anything can fail). */
-static void up_connect(struct l7t *t, const struct wp_endpoint *ep)
+/* A new upstream connection to ep for t (t->up is set before anything can fail), or the
+ * transport of session mux (mux->io is set before anything can fail). */
+static void up_connect(struct l7t *t, const struct wp_endpoint *ep, struct l7mux *mux)
 {
         struct l7up *up = wp_calloc(1, sizeof(*up));
         int fd, r;
 
         if (!up || wp_h1_parser_new(WP_H1_RESPONSE, NULL, &up->parser) < 0) {
                 wp_free(up);
-                t_upstream_failed(t, true, "out of memory");
+                if (mux)
+                        mux_io_failed(mux, true, "out of memory");
+                else
+                        t_upstream_failed(t, true, "out of memory");
                 return;
         }
         up->obj.kind = OBJ_UP;
         up->w = t->w;
         up->loop = t->loop;
-        up->owner = t;
+        up->owner = mux ? NULL : t;
+        up->mux = mux;
+        up->mux_io = mux != NULL;
+        if (mux)
+                tls_get()->nmux_io++;
         up->hbone = ep->hbone;
         up->fd = -1;
         snprintf(up->key, sizeof(up->key), "%s", ep->authority);
         wp_list_init(&up->idle_link);
         up->idle_timer.on_fire = up_idle_fire;
         up->idle_ns = (uint64_t)(t->pool_idle_ms ? t->pool_idle_ms : 60000) * WP_NSEC_PER_MSEC;
-        t->up = up;
+        if (mux)
+                mux->io = up;
+        else
+                t->up = up;
         if (up->hbone) {
                 up->pr.on_ready = up_pool_ready;
                 memcpy(&up->pod, &ep->addr, ep->addrlen);
@@ -1053,12 +1308,13 @@ static void up_connect(struct l7t *t, const struct wp_endpoint *ep)
         wp_loop_connect(up->loop, &up->connect_op, fd, (const struct sockaddr *)&up->addr,
                         up->addrlen);
         wp_timer_arm(up->loop, &up->connect_timer,
-                     wp_now_ns() + (uint64_t)(t->connect_timeout_ms
-                                                  ? t->connect_timeout_ms
-                                                  : (t->cluster && t->cluster->connect_timeout_ms
-                                                         ? t->cluster->connect_timeout_ms
-                                                         : 10000)) *
-                                       WP_NSEC_PER_MSEC);
+                     wp_now_ns() +
+                             (uint64_t)(t->connect_timeout_ms
+                                                ? t->connect_timeout_ms
+                                                : (t->cluster && t->cluster->connect_timeout_ms
+                                                           ? t->cluster->connect_timeout_ms
+                                                           : 10000)) *
+                                     WP_NSEC_PER_MSEC);
 }
 
 /* HBONE stream callbacks of an upstream connection. */
@@ -1102,7 +1358,9 @@ static void up_on_close(struct l7up *up)
 static void up_on_writable(struct l7up *up)
 {
         hbone_up_flush(up);
-        if (up->owner && up_writable(up))
+        if (up->mux)
+                mux_kick(up->mux);
+        else if (up->owner && up_writable(up))
                 t_process(up->owner);
 }
 
@@ -1110,13 +1368,21 @@ static void up_on_writable(struct l7up *up)
 
 static void t_abort(struct l7t *t, uint32_t code)
 {
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
+        if (t->mode == M_SHADOW) {
+                shadow_drop(t);
+                return;
         }
+        t_up_drop(t);
         t_record(t, NULL);
         req_cleanup(t);
         t->state = S_CLOSING;
+        if (t->mode == M_H2STREAM) {
+                if (t->h2c) {
+                        wp_h2_reset(t->h2c->h2, t->sid, code);
+                        h2c_kick(t->h2c);
+                }
+                return;
+        }
         if (t->down) {
                 hbone_stream_reset(t->down, code);
                 hbone_conn_kick(t->conn);
@@ -1167,17 +1433,14 @@ static void t_schedule_retry(struct l7t *t)
 {
         const struct wp_route_retry *rp = t->res.retry;
         uint64_t base =
-            rp->backoff_base_ms ? rp->backoff_base_ms : WP_ROUTE_DEFAULT_BACKOFF_BASE_MS;
+                rp->backoff_base_ms ? rp->backoff_base_ms : WP_ROUTE_DEFAULT_BACKOFF_BASE_MS;
         uint64_t max = rp->backoff_max_ms ? rp->backoff_max_ms : base * 10;
         uint64_t span = base << (t->attempts > 10 ? 10 : t->attempts - 1);
 
         if (span > max)
                 span = max;
         wp_timer_disarm(t->loop, &t->per_try);
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         if (t->lbst) {
                 wp_lb_request_end(t->lbst, t->ep_idx);
                 t->lbst = wp_lb_state_unref(t->lbst);
@@ -1189,10 +1452,7 @@ static void t_schedule_retry(struct l7t *t)
 
 static void t_upstream_failed(struct l7t *t, bool connect_failure, const char *why)
 {
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         wp_debug("l7", "[T%lu] upstream %s failed: %s", (unsigned long)t->id,
                  t->ep ? t->ep->authority : "?", why);
         if (t->resp_started) {
@@ -1208,10 +1468,10 @@ static void t_upstream_failed(struct l7t *t, bool connect_failure, const char *w
                 t->xflags |= WP_AL_F(URX);
         t_local_reply(t, 503,
                       connect_failure
-                          ? "upstream connect error or disconnect/reset before headers. "
-                            "reset reason: connection failure"
-                          : "upstream connect error or disconnect/reset before headers. "
-                            "reset reason: connection termination",
+                              ? "upstream connect error or disconnect/reset before headers. "
+                                "reset reason: connection failure"
+                              : "upstream connect error or disconnect/reset before headers. "
+                                "reset reason: connection termination",
                       NULL, false, connect_failure ? "UF" : "UC");
 }
 
@@ -1224,10 +1484,7 @@ static void on_timeout(struct wp_timer *tm)
                 t_abort(t, HBONE_H2_CANCEL);
                 return;
         }
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         t_local_reply(t, 504, "upstream request timeout", NULL, false, "UT");
 }
 
@@ -1238,10 +1495,7 @@ static void on_per_try(struct wp_timer *tm)
 
         if (t->resp_started)
                 return; /* the response is on its way: the route timeout still bounds it */
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         if (retry_on_failure(t, false)) {
                 t_schedule_retry(t);
                 return;
@@ -1252,7 +1506,65 @@ static void on_per_try(struct wp_timer *tm)
 }
 
 /* Hash for ring hash / Maglev from the route's hash policies (header, source IP), else random. */
-static uint64_t request_hash(const struct l7t *t, const struct wp_http_request *req)
+/* The value of cookie name in the request's Cookie fields (surrounding quotes stripped), or
+ * NULL. */
+static const char *cookie_get(const struct wp_headers *hs, const char *name, uint32_t nlen,
+                              uint32_t *ret_len)
+{
+        for (uint32_t i = 0; i < hs->n; i++) {
+                const char *p = hs->v[i].value, *end = p + hs->v[i].value_len;
+
+                if (strcmp(hs->v[i].name, "cookie"))
+                        continue;
+                while (p < end) {
+                        const char *k, *v;
+                        size_t kl, vl;
+
+                        while (p < end && (*p == ' ' || *p == ';'))
+                                p++;
+                        k = p;
+                        while (p < end && *p != '=' && *p != ';')
+                                p++;
+                        kl = (size_t)(p - k);
+                        if (p == end || *p != '=')
+                                continue;
+                        v = ++p;
+                        while (p < end && *p != ';')
+                                p++;
+                        vl = (size_t)(p - v);
+                        while (vl && v[vl - 1] == ' ')
+                                vl--;
+                        if (kl != nlen || memcmp(k, name, nlen))
+                                continue;
+                        if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') {
+                                v++;
+                                vl -= 2;
+                        }
+                        *ret_len = (uint32_t)vl;
+                        return v;
+                }
+        }
+        return NULL;
+}
+
+/* Cookie hash policy with a ttl and no cookie: a new value, stable for the downstream
+ * connection (as Envoy derives it from the downstream address), set on the response. */
+static uint64_t cookie_generate(struct l7t *t, const struct wp_route_hash_policy *hp)
+{
+        char addr[WP_AUTHORITY_MAX + 1], val[17];
+        int n = hbone_target_format((const struct sockaddr *)&t->src, addr, sizeof(addr));
+        uint64_t h = wp_lb_hash(t->target, strlen(t->target),
+                                n > 0 ? wp_lb_hash(addr, (size_t)n, 0) : 0);
+
+        snprintf(val, sizeof(val), "%016llx", (unsigned long long)h);
+        snprintf(t->set_cookie, sizeof(t->set_cookie), "%.*s=\"%s\"; Max-Age=%llu%s%s; HttpOnly",
+                 (int)hp->name_len, hp->name, val, (unsigned long long)(hp->cookie_ttl_ms / 1000),
+                 hp->cookie_path && hp->cookie_path[0] ? "; Path=" : "",
+                 hp->cookie_path ? hp->cookie_path : "");
+        return wp_lb_hash(val, 16, 0);
+}
+
+static uint64_t request_hash(struct l7t *t, const struct wp_http_request *req)
 {
         for (uint32_t i = 0; i < t->res.n_hash_policies; i++) {
                 const struct wp_route_hash_policy *hp = &t->res.hash_policies[i];
@@ -1263,6 +1575,12 @@ static uint64_t request_hash(const struct l7t *t, const struct wp_http_request *
                 if (hp->kind == WP_ROUTE_HASH_HEADER &&
                     (v = wp_headers_get(&req->headers, hp->name, &n)))
                         return wp_lb_hash(v, n, 0);
+                if (hp->kind == WP_ROUTE_HASH_COOKIE) {
+                        if ((v = cookie_get(&req->headers, hp->name, hp->name_len, &n)))
+                                return wp_lb_hash(v, n, 0);
+                        if (hp->cookie_has_ttl)
+                                return cookie_generate(t, hp);
+                }
                 if (hp->kind == WP_ROUTE_HASH_SOURCE_IP &&
                     hbone_target_format((const struct sockaddr *)&t->src, ip, sizeof(ip)) > 0) {
                         char *colon = strrchr(ip, ':');
@@ -1279,7 +1597,7 @@ static void t_start_attempt(struct l7t *t)
 {
         struct l7_tls *x = tls_get();
         const struct wp_endpoint *prev = t->ep;
-        struct wp_http_request *req = wp_h1_parser_request(t->parser);
+        struct wp_http_request *req = t_req(t);
 
         t->attempts++;
         if (t->res.retry && t->res.retry->per_try_timeout_ms)
@@ -1292,9 +1610,10 @@ static void t_start_attempt(struct l7t *t)
                 struct wp_lb_state *st = lb_state(t->snap, t->cluster);
                 const struct wp_route_retry *rp = t->res.retry;
                 unsigned tries =
-                    rp && rp->previous_hosts && t->attempts > 1
-                        ? (rp->host_selection_max_attempts ? rp->host_selection_max_attempts : 1)
-                        : 1;
+                        rp && rp->previous_hosts && t->attempts > 1
+                                ? (rp->host_selection_max_attempts ? rp->host_selection_max_attempts
+                                                                   : 1)
+                                : 1;
                 uint64_t hash = request_hash(t, req);
                 int idx = -1;
 
@@ -1315,6 +1634,10 @@ static void t_start_attempt(struct l7t *t)
                         wp_lb_request_start(st, idx);
                 }
         }
+        if (t->up_h2) {
+                mux_attach(t);
+                return;
+        }
         /* an idle connection to the same endpoint? */
         for (struct wp_list *it = x->idle.next; it != &x->idle; it = it->next) {
                 struct l7up *up = container_of(it, struct l7up, idle_link);
@@ -1328,18 +1651,36 @@ static void t_start_attempt(struct l7t *t)
                         return;
                 }
         }
-        up_connect(t, t->ep);
+        up_connect(t, t->ep, NULL);
 }
 
 /* The upstream connection can take the request: head, what was already sent (retry), then the
  * body as it arrives. */
+/* x-envoy-attempt-count: this attempt's number (Envoy's include_request_attempt_count and
+ * include_attempt_count_in_response). */
+static int t_attempt_header(struct l7t *t, struct wp_headers *hs)
+{
+        int n = snprintf(t->attempt_str, sizeof(t->attempt_str), "%u", t->attempts);
+
+        wp_headers_remove(hs, "x-envoy-attempt-count");
+        return wp_headers_add(hs, "x-envoy-attempt-count", 21, t->attempt_str, (uint32_t)n);
+}
+
 static void t_up_ready(struct l7t *t)
 {
         struct l7up *up = t->up;
-        struct wp_http_request *req = wp_h1_parser_request(t->parser);
+        struct wp_http_request *req = t_req(t);
+        int r = 0;
 
+        if (t->res.include_attempt_count_in_request) {
+                /* the head carries this attempt's number */
+                r = t_attempt_header(t, &req->headers);
+                dbuf_clear(&t->head);
+                if (r == 0)
+                        DBUF_WRITE(&t->head, wp_h1_write_request_head(&wb, req), r);
+        }
         wp_h1_parser_set_request_method(up->parser, req->method);
-        if (up_send(up, dbuf_data(&t->head), t->head.len) < 0 ||
+        if (r < 0 || up_send(up, dbuf_data(&t->head), t->head.len) < 0 ||
             (t->attempts > 1 && up_send(up, dbuf_data(&t->copy), t->copy.len) < 0)) {
                 t_upstream_failed(t, false, "out of memory");
                 return;
@@ -1358,7 +1699,21 @@ static int t_send_up(struct l7t *t, const void *d, size_t n)
                         t->copy_ok = false;
                 }
         }
+        if (t->mux) {
+                int r = wp_h2_send(t->mux->h2, t->usid, d, n);
+
+                mux_kick(t->mux);
+                return r;
+        }
         return up_send(t->up, d, n);
+}
+
+/* The upstream side of the attempt can take more request body. */
+static bool t_up_can_take(const struct l7t *t)
+{
+        if (t->mux)
+                return t->usid > 0 && wp_h2_queued(t->mux->h2, t->usid) < L7_UP_TXQ_HIGH;
+        return t->up && up_writable(t->up);
 }
 
 static int t_body_up(struct l7t *t, const uint8_t *d, size_t n)
@@ -1367,6 +1722,16 @@ static int t_body_up(struct l7t *t, const uint8_t *d, size_t n)
 
         if (!n)
                 return 0;
+        for (int i = 0; i < L7_MAX_SHADOWS; i++) {
+                struct l7t *sh = t->shadows[i];
+
+                if (sh && (sh->rx.len + n > L7_MIRROR_BODY || dbuf_append(&sh->rx, d, n) < 0)) {
+                        wp_debug("l7", "[T%lu] mirror: body too large, not mirrored",
+                                 (unsigned long)t->id);
+                        shadow_drop(sh);
+                        t->shadows[i] = NULL;
+                }
+        }
         if (!t->req_chunked_up)
                 return t_send_up(t, d, n);
         dbuf_clear(&t->scratch);
@@ -1380,15 +1745,35 @@ static int t_body_up(struct l7t *t, const uint8_t *d, size_t n)
         return r;
 }
 
+static void shadow_start(struct l7t *s);
+
 static int t_body_up_done(struct l7t *t)
 {
+        const struct wp_headers *trl = t->mode == M_H2STREAM ? t->h2trailers
+                                       : t->mode == M_SHADOW ? NULL
+                                                             : wp_h1_parser_trailers(t->parser);
         int r = 0;
 
         t->req_done = true;
+        for (int i = 0; i < L7_MAX_SHADOWS; i++)
+                if (t->shadows[i]) {
+                        struct l7t *sh = t->shadows[i];
+
+                        t->shadows[i] = NULL;
+                        shadow_start(sh);
+                }
+        if (t->mux) {
+                if (t->usid > 0 && !t->up_req_ended) {
+                        t->up_req_ended = true;
+                        r = wp_h2_end(t->mux->h2, t->usid, trl);
+                        mux_kick(t->mux);
+                }
+                return r;
+        }
         if (!t->req_chunked_up)
                 return 0;
         dbuf_clear(&t->scratch);
-        DBUF_WRITE(&t->scratch, wp_h1_write_last_chunk(&wb, wp_h1_parser_trailers(t->parser)), r);
+        DBUF_WRITE(&t->scratch, wp_h1_write_last_chunk(&wb, trl), r);
         if (r == 0)
                 r = t_send_up(t, dbuf_data(&t->scratch), t->scratch.len);
         return r;
@@ -1402,6 +1787,21 @@ static const char *route_str(char *dst, size_t cap, const char *s, uint32_t len)
         memcpy(dst, s, len);
         dst[len] = 0;
         return dst;
+}
+
+/* TE lists "trailers" (the only TE an HTTP/2 request may carry). */
+static bool te_has_trailers(const struct wp_headers *hs)
+{
+        for (uint32_t i = 0; i < hs->n; i++) {
+                const char *v = hs->v[i].value;
+
+                if (strcmp(hs->v[i].name, "te"))
+                        continue;
+                for (uint32_t k = 0; k + 8 <= hs->v[i].value_len; k++)
+                        if (!strncasecmp(v + k, "trailers", 8))
+                                return true;
+        }
+        return false;
 }
 
 static bool upgrade_allowed(const struct l7t *t, const char *type)
@@ -1418,12 +1818,202 @@ static bool upgrade_allowed(const struct l7t *t, const char *type)
         return ok;
 }
 
+/* ---- request mirroring (RouteAction.request_mirror_policies) ---- */
+
+static struct l7t *t_alloc(const struct wp_http_conf *http, bool h1);
+static void t_free(struct l7t *t);
+
+static void shadow_task(struct wp_task *tk)
+{
+        t_free(container_of(tk, struct l7t, h2flush));
+}
+
+/* The shadow is over (response dropped, failure, or its body never completed): freed from a
+ * deferred task, as it may be deep in a callback of its upstream. */
+static void shadow_drop(struct l7t *s)
+{
+        if (s->state == S_CLOSING)
+                return;
+        if (s->parent) {
+                for (int i = 0; i < L7_MAX_SHADOWS; i++)
+                        if (s->parent->shadows[i] == s)
+                                s->parent->shadows[i] = NULL;
+                s->parent = NULL;
+        }
+        s->state = S_CLOSING;
+        t_up_drop(s);
+        req_cleanup(s);
+        wp_loop_defer(s->loop, &s->h2flush);
+}
+
+/* Sends the shadow once its body is complete: its own head (content-length framing), its own
+ * endpoint pick on the mirror cluster; no retries; the response is dropped. */
+static void shadow_start(struct l7t *s)
+{
+        struct wp_http_request *req = &s->sreq;
+        int r = 0;
+
+        s->parent = NULL;
+        s->state = S_REQ;
+        s->eof_in = true;
+        s->req_done = false;
+        s->req_no_body = !s->rx.len;
+        req->content_length = (int64_t)s->rx.len;
+        req->chunked = false;
+        if (!s->up_h2)
+                DBUF_WRITE(&s->head, wp_h1_write_request_head(&wb, req), r);
+        if (r < 0) {
+                shadow_drop(s);
+                return;
+        }
+        wp_debug("l7", "[T%lu] mirror %s %s (%s, %zu body bytes) -> cluster %s",
+                 (unsigned long)s->id, req->method, req->path, req->authority, s->rx.len,
+                 s->cluster->name);
+        if (s->res.timeout_ms)
+                wp_timer_arm(s->loop, &s->timeout,
+                             wp_now_ns() + s->res.timeout_ms * WP_NSEC_PER_MSEC);
+        t_start_attempt(s);
+}
+
+static char *sbuf_put(char **p, const char *a, size_t an, const char *b, size_t bn)
+{
+        char *out = *p;
+
+        memcpy(out, a, an);
+        memcpy(out + an, b, bn);
+        out[an + bn] = 0;
+        *p += an + bn + 1;
+        return out;
+}
+
+/* A shadow of t's request (as it goes upstream) for mirror cluster cl; Host/:authority gets
+ * "-shadow" after the host part, as Envoy does. */
+static struct l7t *shadow_new(struct l7t *t, const struct wp_http_request *req,
+                              struct wp_cluster *cl)
+{
+        const char *auth = req->authority ? req->authority : "";
+        const char *colon = strrchr(auth, ':'), *bracket = strrchr(auth, ']');
+        size_t hostlen =
+                colon && (!bracket || colon > bracket) ? (size_t)(colon - auth) : strlen(auth);
+        size_t need = strlen(req->method) + strlen(req->path) + strlen(auth) + 16 +
+                      (req->scheme ? strlen(req->scheme) + 1 : 0);
+        struct l7t *s = t_alloc(t->http, false);
+        char *p;
+        int r = 0;
+
+        if (!s)
+                return NULL;
+        for (uint32_t i = 0; i < req->headers.n; i++)
+                need += req->headers.v[i].name_len + req->headers.v[i].value_len + 2;
+        s->mode = M_SHADOW;
+        s->w = t->w;
+        s->loop = t->loop;
+        s->chain = t->chain;
+        s->id = t->id;
+        s->pool_idle_ms = t->pool_idle_ms;
+        s->connect_timeout_ms = t->connect_timeout_ms;
+        s->peer_principal = t->peer_principal;
+        s->src = t->src;
+        s->dst = t->dst;
+        memcpy(s->target, t->target, sizeof(s->target));
+        s->snap = wp_snapshot_ref(t->snap);
+        s->h2flush.run = shadow_task;
+        s->res = t->res;
+        s->res.retry = NULL;
+        s->res.mirrors = NULL;
+        s->res.n_mirrors = 0;
+        s->res.n_response_ops = 0;
+        s->res.path = s->res.host = s->res.location = s->res.body = NULL;
+        s->res.include_attempt_count_in_request = false;
+        s->res.include_attempt_count_in_response = false;
+        s->cluster = cl;
+        s->up_h2 = cl->http_protocol == WP_UPSTREAM_HTTP2 ||
+                   (cl->http_protocol == WP_UPSTREAM_DOWNSTREAM && t->mode == M_H2STREAM);
+        s->is_head = t->is_head;
+        s->grpc = t->grpc;
+        s->state = S_IDLE;
+        wp_headers_init(&s->sreq.headers);
+        s->sbuf = wp_malloc(need);
+        if (!s->sbuf) {
+                t_free(s);
+                return NULL;
+        }
+        p = s->sbuf;
+        wp_headers_init(&s->sreq.headers);
+        s->sreq.version = req->version;
+        s->sreq.method = sbuf_put(&p, req->method, strlen(req->method), "", 0);
+        s->sreq.path = sbuf_put(&p, req->path, strlen(req->path), "", 0);
+        s->sreq.scheme = req->scheme ? sbuf_put(&p, req->scheme, strlen(req->scheme), "", 0) : NULL;
+        /* host + "-shadow" + the port part */
+        s->sreq.authority = p;
+        memcpy(p, auth, hostlen);
+        memcpy(p + hostlen, "-shadow", 7);
+        p += hostlen + 7;
+        sbuf_put(&p, auth + hostlen, strlen(auth + hostlen), "", 0);
+        for (uint32_t i = 0; i < req->headers.n && r == 0; i++) {
+                const struct wp_header *h = &req->headers.v[i];
+                char *n = sbuf_put(&p, h->name, h->name_len, "", 0);
+                char *v = sbuf_put(&p, h->value, h->value_len, "", 0);
+
+                r = wp_headers_add(&s->sreq.headers, n, h->name_len, v, h->value_len);
+        }
+        if (r < 0) {
+                t_free(s);
+                return NULL;
+        }
+        return s;
+}
+
+/* The route mirrors this request: one shadow per sampled policy, sent once the request's body
+ * is complete (bodies over L7_MIRROR_BODY are not mirrored). Never delays or fails t. */
+static void t_mirror(struct l7t *t, const struct wp_http_request *req, bool has_body)
+{
+        int k = 0;
+
+        for (uint32_t i = 0; i < t->res.n_mirrors && k < L7_MAX_SHADOWS; i++) {
+                const struct wp_route_mirror *m = &t->res.mirrors[i];
+                const char *name = m->cluster;
+                char hname[256];
+                struct wp_cluster *cl;
+                struct l7t *s;
+
+                if (!wp_route_mirror_sampled(m, rnd64()))
+                        continue;
+                if (!name && m->cluster_header) {
+                        uint32_t n;
+                        const char *v = wp_headers_get(&req->headers, m->cluster_header, &n);
+
+                        if (!v || n >= sizeof(hname))
+                                continue;
+                        memcpy(hname, v, n);
+                        hname[n] = 0;
+                        name = hname;
+                }
+                cl = name ? wp_snapshot_cluster(t->snap, name) : NULL;
+                if (!cl || cl->passthrough)
+                        continue;
+                s = shadow_new(t, req, cl);
+                if (!s)
+                        continue;
+                if (has_body) {
+                        s->parent = t;
+                        t->shadows[k++] = s;
+                } else {
+                        shadow_start(s);
+                }
+        }
+}
+
 static void t_on_request_head(struct l7t *t)
 {
-        struct wp_http_request *req = wp_h1_parser_request(t->parser);
-        const struct wp_h1_info *info = wp_h1_parser_info(t->parser);
+        struct wp_http_request *req = t_req(t);
+        const struct wp_h1_info *info = t->mode == M_H2STREAM ? NULL : wp_h1_parser_info(t->parser);
+        bool has_body = info ? info->has_body : !t->eof_in;
+        bool te_trailers;
+        uint32_t ctlen;
+        const char *ct = wp_headers_get(&req->headers, "content-type", &ctlen);
         struct flt_request fr = {
-            .req = req, .peer_principal = t->peer_principal, .src = &t->src, .dst = &t->dst};
+                .req = req, .peer_principal = t->peer_principal, .src = &t->src, .dst = &t->dst};
         struct wp_cluster *cl;
         char *sp = t->filter_state;
         int r = 0;
@@ -1431,9 +2021,12 @@ static void t_on_request_head(struct l7t *t)
         t->state = S_REQ;
         t->req_done = false;
         t->resp_started = false;
+        t->down_ended = false;
+        t->set_cookie[0] = 0;
         t->resp_chunked = false;
         t->resp_raw_close = false;
-        t->close_after = !info->keep_alive;
+        t->close_after = info && !info->keep_alive;
+        t->grpc = ct && ctlen >= 16 && !strncasecmp(ct, "application/grpc", 16);
         t->attempts = 0;
         t->flag = NULL;
         t->status = 0;
@@ -1446,7 +2039,7 @@ static void t_on_request_head(struct l7t *t)
         t->ep = NULL;
         wp_route_result_init(&t->res, t->route_buf, sizeof(t->route_buf));
 
-        if (info->host_mismatch) {
+        if (info && info->host_mismatch) {
                 t_local_reply(t, 400, "Bad Request", NULL, true, "DPE");
                 return;
         }
@@ -1456,17 +2049,17 @@ static void t_on_request_head(struct l7t *t)
         for (size_t i = 0; i < t->http->nfilters; i++) {
                 struct flt_stream *fs = &t->fstreams[i];
 
-                *fs = (struct flt_stream){
-                    .ops = t->http->filters[i].ops, .conf = t->http->filters[i].conf, .state = sp};
+                *fs = (struct flt_stream){.ops = t->http->filters[i].ops,
+                                          .conf = t->http->filters[i].conf,
+                                          .state = sp};
                 sp += (fs->ops->stream_state_size + 15) & ~(size_t)15;
         }
         t->filters_ran = true;
         for (size_t i = 0; i < t->http->nfilters; i++) {
                 struct flt_stream *fs = &t->fstreams[i];
 
-                r = fs->ops->on_request_headers
-                        ? fs->ops->on_request_headers(fs, &fr, !info->has_body)
-                        : FLT_CONTINUE;
+                r = fs->ops->on_request_headers ? fs->ops->on_request_headers(fs, &fr, !has_body)
+                                                : FLT_CONTINUE;
                 if (r == FLT_REPLY) {
                         t_local_reply(t, fs->reply_status ? fs->reply_status : 403, fs->reply_body,
                                       NULL, false, fs->reply_details);
@@ -1516,8 +2109,8 @@ static void t_on_request_head(struct l7t *t)
                 return;
         }
         if (req->upgrade) {
-                t->upgrade_ok =
-                    strcmp(req->method, "CONNECT") != 0 && upgrade_allowed(t, info->upgrade);
+                t->upgrade_ok = info && strcmp(req->method, "CONNECT") != 0 &&
+                                upgrade_allowed(t, info->upgrade);
                 if (!t->upgrade_ok) {
                         t_local_reply(t, 403, NULL, NULL, true, "upgrade_failed");
                         return;
@@ -1526,8 +2119,8 @@ static void t_on_request_head(struct l7t *t)
         cl = t->res.cluster ? wp_snapshot_cluster(t->snap, t->res.cluster) : NULL;
         if (!cl) {
                 t_local_reply(
-                    t, t->res.cluster_not_found_status ? t->res.cluster_not_found_status : 503,
-                    NULL, NULL, false, "NC");
+                        t, t->res.cluster_not_found_status ? t->res.cluster_not_found_status : 503,
+                        NULL, NULL, false, "NC");
                 return;
         }
         t->cluster = cl;
@@ -1538,11 +2131,19 @@ static void t_on_request_head(struct l7t *t)
                                                                  : sizeof(struct sockaddr_in);
                 snprintf(t->own_ep.authority, sizeof(t->own_ep.authority), "%s", t->target);
         }
-        /* what goes upstream */
+        /* what goes upstream, and in which protocol */
+        t->up_h2 = !req->upgrade && !cl->passthrough &&
+                   (cl->http_protocol == WP_UPSTREAM_HTTP2 ||
+                    (cl->http_protocol == WP_UPSTREAM_DOWNSTREAM && t->mode == M_H2STREAM));
+        t->req_no_body = !has_body;
+        t->refused = 0;
+        te_trailers = te_has_trailers(&req->headers);
         wp_h1_remove_hop_by_hop(&req->headers, t->upgrade_ok);
+        if (t->up_h2 && te_trailers) /* gRPC needs it; HTTP/2 allows exactly this TE */
+                r |= wp_headers_add(&req->headers, "te", 2, "trailers", 8);
         if (t->res.path) {
                 const char *p =
-                    route_str(t->path_copy, sizeof(t->path_copy), t->res.path, t->res.path_len);
+                        route_str(t->path_copy, sizeof(t->path_copy), t->res.path, t->res.path_len);
 
                 if (!p) {
                         t_local_reply(t, 500, "Internal Server Error", NULL, false, "rewrite");
@@ -1552,7 +2153,7 @@ static void t_on_request_head(struct l7t *t)
         }
         if (t->res.host) {
                 const char *h =
-                    route_str(t->host_copy, sizeof(t->host_copy), t->res.host, t->res.host_len);
+                        route_str(t->host_copy, sizeof(t->host_copy), t->res.host, t->res.host_len);
 
                 if (h)
                         req->authority = h;
@@ -1562,16 +2163,18 @@ static void t_on_request_head(struct l7t *t)
         if (!wp_headers_get(&req->headers, "x-request-id", NULL))
                 r |= wp_headers_add(&req->headers, "x-request-id", 12, uuid4(t->request_id), 36);
         if (t->res.n_request_ops)
-                r |=
-                    wp_route_headers_apply(t->res.request_ops, t->res.n_request_ops, &req->headers);
+                r |= wp_route_headers_apply(t->res.request_ops, t->res.n_request_ops,
+                                            &req->headers);
+        if (t->mode == M_H2STREAM && !t->up_h2 && req->content_length < 0 && has_body)
+                req->chunked = true; /* HTTP/2 DATA without a length: chunked upstream */
         dbuf_clear(&t->head);
-        if (r == 0)
+        if (r == 0 && !t->up_h2)
                 DBUF_WRITE(&t->head, wp_h1_write_request_head(&wb, req), r);
         if (r < 0) {
                 t_local_reply(t, r == -ENOMEM ? 500 : 400, NULL, NULL, true, "head");
                 return;
         }
-        t->req_chunked_up = req->chunked;
+        t->req_chunked_up = !t->up_h2 && req->chunked;
         t->copy_ok = t->res.retry && t->res.retry->num_retries > 0;
         dbuf_clear(&t->copy);
         wp_debug("l7", "[T%lu] %s %s -> cluster %s", (unsigned long)t->id, req->method, req->path,
@@ -1579,6 +2182,8 @@ static void t_on_request_head(struct l7t *t)
         if (t->res.timeout_ms)
                 wp_timer_arm(t->loop, &t->timeout,
                              wp_now_ns() + t->res.timeout_ms * WP_NSEC_PER_MSEC);
+        if (t->res.n_mirrors && t->mode != M_SHADOW)
+                t_mirror(t, req, has_body);
         t_start_attempt(t);
 }
 
@@ -1593,10 +2198,7 @@ static void t_parse_error(struct l7t *t)
                 t_abort(t, HBONE_H2_PROTOCOL_ERROR);
                 return;
         }
-        if (t->up) {
-                up_release(t->up, false);
-                t->up = NULL;
-        }
+        t_up_drop(t);
         t->res.action = WP_ROUTE_ACTION_NONE;
         t->is_head = false;
         if (t->state == S_IDLE) {
@@ -1620,13 +2222,49 @@ static bool h2_preface(const struct dbuf *rx, bool *ret_partial)
         return memcmp(dbuf_data(rx), pri, n) == 0;
 }
 
+static int h2c_start(struct l7t *t);
+
+/* A request on an inner HTTP/2 stream: its body (DATA, already de-framed) goes up as the
+ * upstream accepts it; credit is returned as it does. */
+static void t2_process_once(struct l7t *t)
+{
+        if (!t->h2c && t->mode != M_SHADOW)
+                return;
+        if (t->state == S_CLOSING || t->state == S_DISCARD) {
+                if (t->rx.len)
+                        rx_consume(t, t->rx.len);
+                return;
+        }
+        if (t->state != S_REQ || t->req_done || !t_up_can_take(t))
+                return;
+        if (t->rx.len) {
+                size_t len = t->rx.len;
+
+                t->req_wire += len;
+                t->req_body += len;
+                if (t_body_up(t, dbuf_data(&t->rx), len) < 0) {
+                        t_abort(t, HBONE_H2_INTERNAL_ERROR);
+                        return;
+                }
+                rx_consume(t, len);
+        }
+        if (t->eof_in && !t->rx.len && t_body_up_done(t) < 0)
+                t_abort(t, HBONE_H2_INTERNAL_ERROR);
+}
+
 static void t_process_once(struct l7t *t)
 {
+        if (t->mode == M_H2STREAM || t->mode == M_SHADOW) {
+                t2_process_once(t);
+                return;
+        }
+        if (t->mode == M_H2CONN)
+                return;
         for (;;) {
                 struct wp_h1_event ev;
                 ssize_t n;
 
-                if (!t->down || !down_flush(t))
+                if (!down_ready(t))
                         return;
                 switch (t->state) {
                 case S_CLOSING:
@@ -1667,11 +2305,8 @@ static void t_process_once(struct l7t *t)
 
                                 if (h2_preface(&t->rx, &partial)) {
                                         if (!partial) {
-                                                wp_debug(
-                                                    "l7",
-                                                    "[T%lu] h2c prior knowledge: not supported",
-                                                    (unsigned long)t->id);
-                                                t_abort(t, HBONE_H2_REFUSED_STREAM);
+                                                if (h2c_start(t) < 0)
+                                                        t_abort(t, HBONE_H2_INTERNAL_ERROR);
                                                 return;
                                         }
                                         if (!t->eof_in)
@@ -1680,7 +2315,7 @@ static void t_process_once(struct l7t *t)
                         }
                         break;
                 case S_REQ:
-                        if (t->req_done || !t->up || !up_writable(t->up))
+                        if (t->req_done || !t_up_can_take(t))
                                 return;
                         break;
                 case S_DISCARD:
@@ -1758,9 +2393,16 @@ static int t_resp_body(struct l7t *t, const uint8_t *d, size_t n)
 {
         int r = 0;
 
-        if (!n || t->is_head)
+        if (!n || t->is_head || t->mode == M_SHADOW)
                 return 0;
         t->resp_body += n;
+        if (t->mode == M_H2STREAM) {
+                t->resp_wire += n;
+                r = t->h2c ? wp_h2_send(t->h2c->h2, t->sid, d, n) : -EPIPE;
+                if (t->h2c)
+                        h2c_kick(t->h2c);
+                return r;
+        }
         if (!t->resp_chunked)
                 return down_send(t, d, n);
         dbuf_clear(&t->scratch);
@@ -1775,14 +2417,25 @@ static int t_resp_body(struct l7t *t, const uint8_t *d, size_t n)
 }
 
 /* Returns 1 when the head was consumed by a retry (t->up is gone). */
-static int t_on_response_head(struct l7t *t)
+/* Passes the upstream's response head on (either upstream protocol, either downstream one).
+ * body_until_close: the upstream gave no length (HTTP/1.1 body until close, HTTP/2 without
+ * content-length). Returns 1 when the head was consumed by a retry (the upstream is gone). */
+static int t_relay_response_head(struct l7t *t, struct wp_http_response *resp,
+                                 bool body_until_close, bool end_stream)
 {
-        struct l7up *up = t->up;
-        struct wp_http_response *resp = wp_h1_parser_response(up->parser);
-        const struct wp_h1_info *info = wp_h1_parser_info(up->parser);
-        struct wp_http_request *req = wp_h1_parser_request(t->parser);
+        struct wp_http_request *req = t_req(t);
         int r = 0;
 
+        if (t->mode == M_SHADOW) {
+                /* the mirror's response is dropped */
+                if (resp->status >= 200) {
+                        t->status = resp->status;
+                        t->resp_started = true;
+                }
+                return 0;
+        }
+        if (resp->status < 200 && resp->status != 101 && t->mode == M_H2STREAM)
+                return 0; /* interim: not passed on to an HTTP/2 client */
         if (resp->status < 200 && resp->status != 101) {
                 /* interim (100 Continue, 103...): passed on as is */
                 dbuf_clear(&t->scratch);
@@ -1805,7 +2458,7 @@ static int t_on_response_head(struct l7t *t)
         if (resp->status != 101 && !t->is_head && resp->status != 204 && resp->status != 304) {
                 if (resp->chunked) {
                         t->resp_chunked = true;
-                } else if (info->body_until_close) {
+                } else if (body_until_close) {
                         if (req->version == WP_HTTP_10) {
                                 t->close_after = true;
                                 t->resp_raw_close = true;
@@ -1815,10 +2468,31 @@ static int t_on_response_head(struct l7t *t)
                         }
                 }
         }
-        if (t->close_after && resp->status != 101)
+        if (t->res.include_attempt_count_in_response)
+                r |= t_attempt_header(t, &resp->headers);
+        if (t->set_cookie[0])
+                r |= wp_headers_add(&resp->headers, "set-cookie", 10, t->set_cookie,
+                                    (uint32_t)strlen(t->set_cookie));
+        if (tls_get()->draining && t->mode == M_H1)
+                t->close_after = true; /* the client reconnects elsewhere */
+        if (t->close_after && resp->status != 101 && t->mode != M_H2STREAM)
                 r |= wp_headers_add(&resp->headers, "connection", 10, "close", 5);
         if (r < 0)
                 return r;
+        if (t->mode == M_H2STREAM) {
+                if (!t->h2c)
+                        return -EPIPE;
+                if (body_until_close)
+                        resp->content_length = -1;
+                resp->chunked = false;
+                /* a response that ends at its head (gRPC trailers-only) stays one HEADERS */
+                r = wp_h2_respond(t->h2c->h2, t->sid, resp, end_stream);
+                t->down_ended = end_stream && r == 0;
+                h2c_kick(t->h2c);
+                if (r == 0)
+                        t->resp_started = true;
+                return r;
+        }
         dbuf_clear(&t->scratch);
         DBUF_WRITE(&t->scratch, wp_h1_write_response_head(&wb, resp), r);
         if (r < 0)
@@ -1827,13 +2501,31 @@ static int t_on_response_head(struct l7t *t)
         return down_send(t, dbuf_data(&t->scratch), t->scratch.len);
 }
 
+static int t_on_response_head(struct l7t *t)
+{
+        struct l7up *up = t->up;
+
+        return t_relay_response_head(t, wp_h1_parser_response(up->parser),
+                                     wp_h1_parser_info(up->parser)->body_until_close, false);
+}
+
 static void t_response_done(struct l7t *t)
 {
         struct l7up *up = t->up;
         bool reuse;
         int r = 0;
 
-        if (t->resp_chunked) {
+        if (t->mode == M_H2STREAM) {
+                struct wp_headers *trl = wp_h1_parser_trailers(up->parser);
+
+                if (trl) {
+                        wp_h1_remove_hop_by_hop(trl, false);
+                        t->resp_trailers = trl;
+                }
+                r = t->h2c ? wp_h2_end(t->h2c->h2, t->sid, trl) : -EPIPE;
+                if (t->h2c)
+                        h2c_kick(t->h2c);
+        } else if (t->resp_chunked) {
                 dbuf_clear(&t->scratch);
                 DBUF_WRITE(&t->scratch,
                            wp_h1_write_last_chunk(&wb, wp_h1_parser_trailers(up->parser)), r);
@@ -1842,8 +2534,8 @@ static void t_response_done(struct l7t *t)
         }
         if (r == 0)
                 t_record(t, wp_h1_parser_response(up->parser));
-        reuse =
-            wp_h1_parser_info(up->parser)->keep_alive && t->req_done && !up->eof_in && !up->rx.len;
+        reuse = wp_h1_parser_info(up->parser)->keep_alive && t->req_done && !up->eof_in &&
+                !up->rx.len;
         if (!t->req_done)
                 t->close_after = true;
         t->up = NULL;
@@ -1861,13 +2553,22 @@ static void t_response_done(struct l7t *t)
 
 static void t_process_up(struct l7t *t)
 {
+        if (t->mux) {
+                /* HTTP/2 upstream: its credit follows the downstream */
+                if (t->mux_owed && t->usid > 0 && down_ready(t)) {
+                        wp_h2_consume(t->mux->h2, t->usid, t->mux_owed);
+                        t->mux_owed = 0;
+                        mux_kick(t->mux);
+                }
+                return;
+        }
         for (;;) {
                 struct l7up *up = t->up;
                 struct wp_h1_event ev;
                 ssize_t n;
                 int r;
 
-                if (!up || !t->down || !down_flush(t))
+                if (!up || !down_ready(t))
                         return;
                 if (t->state == S_UPGRADED) {
                         if (up->rx.len) {
@@ -1962,17 +2663,433 @@ static void t_process_up(struct l7t *t)
         }
 }
 
-/* ---- the tunnel ---- */
+/* ---- upstream HTTP/2 sessions ---- */
 
-static void t_free(struct l7t *t)
+static void mux_free(struct l7mux *m)
 {
-        if (t->req_open && t->state == S_REQ)
-                t->xflags |= WP_AL_F(DC); /* the downstream went away mid-request */
-        t_record(t, t->up && t->resp_started ? wp_h1_parser_response(t->up->parser) : NULL);
+        wp_list_del(&m->link);
+        wp_timer_disarm(m->loop, &m->idle_timer);
+        if (m->io) {
+                m->io->mux = NULL;
+                up_close(m->io);
+                m->io = NULL;
+        }
+        wp_h2_free(m->h2);
+        m->h2 = NULL;
+        if (m->task.queued) {
+                m->freeing = true; /* the queued task frees it */
+                return;
+        }
+        tls_get()->nmux--;
+        wp_free(m);
+}
+
+static void mux_kick(struct l7mux *m)
+{
+        if (m && !m->freeing)
+                wp_loop_defer(m->loop, &m->task);
+}
+
+static void mux_io_failed(struct l7mux *m, bool connect_failure, const char *why)
+{
+        if (!m->dead) {
+                m->dead = true;
+                m->connect_failure = connect_failure && !m->ready;
+                m->why = why;
+        }
+        mux_kick(m);
+}
+
+/* t no longer uses m (reset: cancel its stream if it is still open). */
+static void mux_detach(struct l7t *t, bool reset)
+{
+        struct l7mux *m = t->mux;
+
+        if (!m)
+                return;
+        if (t->usid > 0 && m->h2) {
+                wp_h2_set_user(m->h2, t->usid, NULL);
+                if (reset)
+                        wp_h2_reset(m->h2, t->usid, WP_H2_CANCEL);
+        }
+        wp_list_del(&t->mux_link);
+        m->nusers--;
+        t->mux = NULL;
+        t->usid = 0;
+        t->mux_owed = 0;
+        t->up_resp = NULL;
+        mux_kick(m);
+}
+
+/* Drops the upstream side of the current attempt (HTTP/1.1 connection or HTTP/2 stream). */
+static void t_up_drop(struct l7t *t)
+{
         if (t->up) {
                 up_release(t->up, false);
                 t->up = NULL;
         }
+        mux_detach(t, true);
+}
+
+/* The attempt never reached the upstream (GOAWAY, REFUSED_STREAM): start it again elsewhere
+ * without counting it, a few times. Returns false when the caller should fail it instead. */
+static bool t_restart_unprocessed(struct l7t *t)
+{
+        if (t->resp_started || t->refused >= 3 || (t->attempts > 1 && !t->copy_ok) ||
+            (!t->req_no_body && !t->copy_ok && t->req_body))
+                return false;
+        t->refused++;
+        t->attempts--;
+        mux_detach(t, false);
+        if (t->lbst) {
+                wp_lb_request_end(t->lbst, t->ep_idx);
+                t->lbst = wp_lb_state_unref(t->lbst);
+        }
+        t_start_attempt(t);
+        return true;
+}
+
+/* Opens t's stream on the ready session m. Returns false when no stream can be opened now. */
+static bool t_mux_open(struct l7mux *m, struct l7t *t)
+{
+        struct wp_http_request *req = t_req(t);
+        int r = t->res.include_attempt_count_in_request ? t_attempt_header(t, &req->headers) : 0;
+        int32_t id = r < 0 ? -ENOMEM : wp_h2_request(m->h2, req, t->req_no_body, t);
+
+        if (id == -EAGAIN)
+                return false;
+        wp_list_del(&t->mux_link);
+        if (id < 0) {
+                wp_list_add_tail(&m->active, &t->mux_link); /* detached by the failure */
+                t_upstream_failed(t, false,
+                                  id == -EINVAL ? "request not representable in HTTP/2"
+                                                : "out of memory");
+                return true;
+        }
+        wp_list_add_tail(&m->active, &t->mux_link);
+        t->usid = id;
+        t->up_req_ended = t->req_no_body;
+        if (t->attempts > 1 && t->copy.len)
+                r = wp_h2_send(m->h2, id, dbuf_data(&t->copy), t->copy.len);
+        if (r == 0 && t->req_done && !t->up_req_ended) {
+                r = wp_h2_end(m->h2, id, NULL);
+                t->up_req_ended = true;
+        }
+        if (r < 0)
+                t_upstream_failed(t, false, "out of memory");
+        else
+                t_process(t); /* more of the request body */
+        return true;
+}
+
+static void mux_fail_all(struct l7mux *m)
+{
+        const char *why = m->why ? m->why : "upstream HTTP/2 session ended";
+
+        while (!wp_list_empty(&m->waiting) || !wp_list_empty(&m->active)) {
+                struct wp_list *l = !wp_list_empty(&m->waiting) ? &m->waiting : &m->active;
+                struct l7t *t = container_of(l->next, struct l7t, mux_link);
+                bool waiting = l == &m->waiting;
+
+                mux_detach(t, false);
+                if (waiting && m->goaway && !m->connect_failure && t_restart_unprocessed(t))
+                        continue;
+                t_upstream_failed(t, m->connect_failure, why);
+        }
+}
+
+static void mux_idle_fire(struct wp_timer *tm)
+{
+        struct l7mux *m = container_of(tm, struct l7mux, idle_timer);
+
+        m->dead = true;
+        m->why = "idle";
+        mux_kick(m);
+}
+
+static void mux_run(struct wp_task *tk)
+{
+        struct l7mux *m = container_of(tk, struct l7mux, task);
+        struct l7up *io = m->io;
+
+        if (m->freeing) {
+                tls_get()->nmux--;
+                wp_free(m);
+                return;
+        }
+        if (!m->dead && io && io->rx.len) {
+                size_t n = io->rx.len;
+                int r = wp_h2_feed(m->h2, dbuf_data(&io->rx), n);
+
+                up_rx_consumed(io, n);
+                if (r < 0) {
+                        wp_debug("l7", "upstream HTTP/2 %s: %s", m->key, wp_h2_error(m->h2));
+                        m->dead = true;
+                        m->why = "upstream HTTP/2 protocol error";
+                }
+        }
+        if (!m->dead && m->ready) {
+                /* waiting requests get streams while the peer allows */
+                while (!wp_list_empty(&m->waiting) && !m->goaway && !m->dead) {
+                        struct l7t *t = container_of(m->waiting.next, struct l7t, mux_link);
+
+                        if (!t_mux_open(m, t))
+                                break;
+                }
+                if (m->goaway) {
+                        while (!wp_list_empty(&m->waiting)) {
+                                struct l7t *t = container_of(m->waiting.next, struct l7t, mux_link);
+
+                                mux_detach(t, false);
+                                if (!t_restart_unprocessed(t))
+                                        t_upstream_failed(t, false, "upstream went away");
+                        }
+                }
+        }
+        /* output, while the transport takes it */
+        while (!m->dead && m->ready && io && io->txq.len + io->sbuf.len < L7_UP_TXQ_HIGH) {
+                const uint8_t *out;
+                ssize_t n = wp_h2_pull(m->h2, &out);
+
+                if (n <= 0) {
+                        if (n < 0) {
+                                m->dead = true;
+                                m->why = "upstream HTTP/2 session failed";
+                        }
+                        break;
+                }
+                if (up_send(io, out, (size_t)n) < 0) {
+                        m->dead = true;
+                        m->why = "out of memory";
+                }
+        }
+        if (!m->dead && m->ready && (wp_h2_finished(m->h2) || (io && io->eof_in))) {
+                m->dead = true;
+                m->why = io && io->eof_in ? "upstream closed the connection"
+                                          : "upstream HTTP/2 session finished";
+        }
+        if (m->dead) {
+                mux_fail_all(m);
+                if (!m->nusers) {
+                        wp_debug("l7", "upstream HTTP/2 session to %s closed (%s)", m->key,
+                                 m->why ? m->why : "-");
+                        mux_free(m);
+                }
+                return;
+        }
+        if (!m->nusers) {
+                if (tls_get()->draining) {
+                        m->dead = true;
+                        m->why = "drain";
+                        mux_kick(m);
+                } else if (!wp_timer_armed(&m->idle_timer)) {
+                        wp_timer_arm(m->loop, &m->idle_timer, wp_now_ns() + m->idle_ns);
+                }
+        } else {
+                wp_timer_disarm(m->loop, &m->idle_timer);
+        }
+}
+
+/* ---- HTTP/2 upstream stream callbacks (su: the request) ---- */
+
+static void t_mux_response_done(struct l7t *t, struct wp_headers *trailers)
+{
+        int r = 0;
+
+        if (trailers)
+                wp_h1_remove_hop_by_hop(trailers, false);
+        t->resp_trailers = trailers;
+        if (t->mode == M_H2STREAM) {
+                if (!t->down_ended)
+                        r = t->h2c ? wp_h2_end(t->h2c->h2, t->sid, trailers) : -EPIPE;
+                if (t->h2c)
+                        h2c_kick(t->h2c);
+        } else if (t->resp_chunked) {
+                dbuf_clear(&t->scratch);
+                DBUF_WRITE(&t->scratch, wp_h1_write_last_chunk(&wb, trailers), r);
+                if (r == 0)
+                        r = down_send(t, dbuf_data(&t->scratch), t->scratch.len);
+        }
+        if (r == 0)
+                t_record(t, t->up_resp);
+        mux_detach(t, !t->up_req_ended);
+        if (r < 0) {
+                t_abort(t, HBONE_H2_INTERNAL_ERROR);
+                return;
+        }
+        if (!t->req_done)
+                t->close_after = true;
+        if (t->resp_raw_close)
+                t->close_after = true;
+        t_request_done(t);
+}
+
+static void m_on_response(struct wp_h2 *h, void *su, struct wp_http_response *resp, bool end_stream)
+{
+        struct l7t *t = su;
+        int r;
+
+        (void)h;
+        if (resp->status < 200)
+                return; /* interim */
+        t->up_resp = resp;
+        r = t_relay_response_head(t, resp, resp->content_length < 0, end_stream);
+        if (r == 1)
+                return; /* retried */
+        if (r < 0) {
+                if (t->resp_started) {
+                        t_abort(t, HBONE_H2_INTERNAL_ERROR);
+                } else {
+                        mux_detach(t, true);
+                        t_local_reply(t, 502, "upstream sent an invalid response", NULL, false,
+                                      "UPE");
+                }
+                return;
+        }
+        if (end_stream)
+                t_mux_response_done(t, NULL);
+}
+
+static int m_on_data(struct wp_h2 *h, void *su, const uint8_t *d, size_t n)
+{
+        struct l7t *t = su;
+
+        if (t_resp_body(t, d, n) < 0) {
+                t_abort(t, HBONE_H2_INTERNAL_ERROR);
+                return 0;
+        }
+        if (down_ready(t))
+                wp_h2_consume(h, t->usid, n);
+        else
+                t->mux_owed += n;
+        return 0;
+}
+
+static void m_on_end(struct wp_h2 *h, void *su, struct wp_headers *trailers)
+{
+        (void)h;
+        t_mux_response_done(su, trailers);
+}
+
+static void m_on_close(struct wp_h2 *h, void *su, uint32_t error)
+{
+        struct l7t *t = su;
+
+        (void)h;
+        wp_debug("l7", "[T%lu] upstream stream %d closed (%u)", (unsigned long)t->id, t->usid,
+                 error);
+        t->usid = 0;
+        mux_detach(t, false);
+        if (error == WP_H2_REFUSED_STREAM && t_restart_unprocessed(t))
+                return;
+        t_upstream_failed(t, false, "upstream reset");
+}
+
+static void m_on_writable(struct wp_h2 *h, void *su)
+{
+        (void)h;
+        t_process(su);
+}
+
+static void m_on_goaway(struct wp_h2 *h, int32_t last_id, uint32_t error, void *user)
+{
+        struct l7mux *m = user;
+
+        (void)h;
+        wp_debug("l7", "upstream %s: GOAWAY (%u, last stream %d)", m->key, error, last_id);
+        m->goaway = true;
+        mux_kick(m);
+}
+
+static const struct wp_h2_callbacks mux_callbacks = {
+        .on_response = m_on_response,
+        .on_data = m_on_data,
+        .on_end = m_on_end,
+        .on_close = m_on_close,
+        .on_writable = m_on_writable,
+        .on_goaway = m_on_goaway,
+};
+
+/* The current attempt goes over an HTTP/2 session to t->ep: a live one of this worker with room
+ * for another stream, or a new one. */
+static void mux_attach(struct l7t *t)
+{
+        struct l7_tls *x = tls_get();
+        const struct wp_endpoint *ep = t->ep;
+        struct l7mux *m = NULL;
+
+        for (struct wp_list *it = x->muxes.next; it != &x->muxes; it = it->next) {
+                struct l7mux *c = container_of(it, struct l7mux, link);
+
+                if (c->dead || c->goaway || c->hbone != ep->hbone || c->loop != t->loop ||
+                    strcmp(c->key, ep->authority))
+                        continue;
+                /* room for one more: streams open in order as the peer allows */
+                if (c->nusers < (c->ready ? wp_h2_stream_limit(c->h2) : 100)) {
+                        m = c;
+                        break;
+                }
+        }
+        if (!m) {
+                struct wp_h2_limits lim;
+
+                m = wp_calloc(1, sizeof(*m));
+                wp_h2_limits_default(&lim);
+                if (!m || wp_h2_new(&mux_callbacks, &lim, false, m, &m->h2) < 0) {
+                        wp_free(m);
+                        t_upstream_failed(t, true, "out of memory");
+                        return;
+                }
+                m->w = t->w;
+                m->loop = t->loop;
+                m->hbone = ep->hbone;
+                snprintf(m->key, sizeof(m->key), "%s", ep->authority);
+                wp_list_init(&m->waiting);
+                wp_list_init(&m->active);
+                m->task.run = mux_run;
+                m->idle_timer.on_fire = mux_idle_fire;
+                m->idle_ns =
+                        (uint64_t)(t->pool_idle_ms ? t->pool_idle_ms : 60000) * WP_NSEC_PER_MSEC;
+                wp_list_add_tail(&x->muxes, &m->link);
+                x->nmux++;
+                x->mux_loop = m->loop;
+                wp_debug("l7", "[T%lu] new upstream HTTP/2 session to %s", (unsigned long)t->id,
+                         m->key);
+                up_connect(t, ep, m); /* failures come back through mux_io_failed */
+        }
+        wp_timer_disarm(m->loop, &m->idle_timer);
+        t->mux = m;
+        t->usid = 0;
+        m->nusers++;
+        wp_list_add_tail(&m->waiting, &t->mux_link);
+        mux_kick(m);
+}
+
+/* ---- the tunnel ---- */
+
+static void t_free(struct l7t *t)
+{
+        if (t->mode == M_H2CONN) {
+                while (!wp_list_empty(&t->h2streams)) {
+                        struct l7t *st = container_of(t->h2streams.next, struct l7t, h2link);
+
+                        wp_list_del(&st->h2link);
+                        st->h2c = NULL;
+                        t_free(st);
+                }
+                wp_h2_free(t->h2);
+                t->h2 = NULL;
+                wp_list_del(&t->h2conn_link);
+        } else if (t->mode == M_H2STREAM && t->h2c) {
+                wp_list_del(&t->h2link);
+                t->h2c = NULL;
+        }
+        if (t->req_open && t->state == S_REQ)
+                t->xflags |= WP_AL_F(DC); /* the downstream went away mid-request */
+        t_record(t, !t->resp_started ? NULL
+                    : t->up          ? wp_h1_parser_response(t->up->parser)
+                                     : t->up_resp);
+        t_up_drop(t);
         req_cleanup(t);
         wp_timer_disarm(t->loop, &t->linger);
         wp_h1_parser_free(t->parser);
@@ -1983,8 +3100,207 @@ static void t_free(struct l7t *t)
         dbuf_free(&t->copy);
         wp_free(t->filter_state);
         wp_free(t->fstreams);
+        if (t->mode == M_SHADOW) {
+                wp_headers_done(&t->sreq.headers);
+                wp_free(t->sbuf);
+        }
         wp_snapshot_unref(t->snap);
         wp_free(t);
+}
+
+/* A struct l7t for the chain's HTTP config: filter state, and an HTTP/1.1 parser if h1. */
+static struct l7t *t_alloc(const struct wp_http_conf *http, bool h1)
+{
+        struct l7t *t = wp_calloc(1, sizeof(*t));
+        size_t fsz = 0;
+
+        if (!t)
+                return NULL;
+        for (size_t i = 0; i < http->nfilters; i++)
+                fsz += (http->filters[i].ops->stream_state_size + 15) & ~(size_t)15;
+        if ((h1 && wp_h1_parser_new(WP_H1_REQUEST, NULL, &t->parser) < 0) ||
+            (fsz && !(t->filter_state = wp_calloc(1, fsz))) ||
+            (http->nfilters && !(t->fstreams = wp_calloc(http->nfilters, sizeof(*t->fstreams))))) {
+                wp_h1_parser_free(t->parser);
+                wp_free(t->filter_state);
+                wp_free(t);
+                return NULL;
+        }
+        t->obj.kind = OBJ_TUNNEL;
+        t->http = http;
+        t->filter_state_size = fsz;
+        t->timeout.on_fire = on_timeout;
+        t->backoff.on_fire = on_backoff;
+        t->per_try.on_fire = on_per_try;
+        t->linger.on_fire = on_linger;
+        t->state = S_IDLE;
+        return t;
+}
+
+/* ---- inner HTTP/2 connections ---- */
+
+/* Moves the session's output into the tunnel while it takes it; ends the tunnel once the
+ * session is over. */
+static void h2c_flush(struct l7t *c)
+{
+        for (;;) {
+                const uint8_t *out;
+                ssize_t n;
+
+                if (!c->down || !down_flush(c))
+                        return;
+                n = wp_h2_pull(c->h2, &out);
+                if (n == 0)
+                        break;
+                if (n < 0 || down_send(c, out, (size_t)n) < 0) {
+                        wp_debug("l7", "[T%lu] inner HTTP/2: %s", (unsigned long)c->id,
+                                 wp_h2_error(c->h2));
+                        c->state = S_CLOSING;
+                        hbone_stream_reset(c->down, HBONE_H2_INTERNAL_ERROR);
+                        hbone_conn_kick(c->conn);
+                        return;
+                }
+        }
+        if (c->state != S_CLOSING &&
+            (wp_h2_finished(c->h2) || (c->eof_in && wp_list_empty(&c->h2streams)))) {
+                wp_debug("l7", "[T%lu] inner HTTP/2 done%s%s", (unsigned long)c->id,
+                         wp_h2_error(c->h2)[0] ? ": " : "", wp_h2_error(c->h2));
+                c->state = S_CLOSING;
+                down_shutdown(c);
+        }
+}
+
+static void h2c_task(struct wp_task *tk)
+{
+        struct l7t *c = container_of(tk, struct l7t, h2flush);
+
+        if (c->h2dead)
+                t_free(c);
+        else
+                h2c_flush(c);
+}
+
+static void h2c_kick(struct l7t *c)
+{
+        if (c && !c->h2dead)
+                wp_loop_defer(c->loop, &c->h2flush);
+}
+
+static void h2c_input(struct l7t *c, const uint8_t *d, size_t n)
+{
+        int r = wp_h2_feed(c->h2, d, n);
+
+        if (r < 0)
+                wp_debug("l7", "[T%lu] inner HTTP/2 connection error: %s", (unsigned long)c->id,
+                         wp_h2_error(c->h2));
+        h2c_kick(c);
+}
+
+static int h2s_on_request(struct wp_h2 *h, int32_t id, struct wp_http_request *req, bool end_stream,
+                          void *user)
+{
+        struct l7t *c = user;
+        struct l7t *t = t_alloc(c->http, false);
+
+        if (!t)
+                return -ENOMEM;
+        t->mode = M_H2STREAM;
+        t->w = c->w;
+        t->loop = c->loop;
+        t->conn = c->conn;
+        t->chain = c->chain;
+        t->id = c->id;
+        t->pool_idle_ms = c->pool_idle_ms;
+        t->connect_timeout_ms = c->connect_timeout_ms;
+        t->peer_principal = c->peer_principal;
+        t->src = c->src;
+        t->dst = c->dst;
+        memcpy(t->target, c->target, sizeof(t->target));
+        memcpy(t->baggage, c->baggage, sizeof(t->baggage));
+        t->snap = wp_snapshot_ref(c->snap);
+        t->h2c = c;
+        t->sid = id;
+        t->h2req = req;
+        t->eof_in = end_stream;
+        wp_list_add_tail(&c->h2streams, &t->h2link);
+        wp_h2_set_user(h, id, t);
+        t_on_request_head(t);
+        for (uint32_t i = 0; i < req->headers.n; i++)
+                t->req_wire += req->headers.v[i].name_len + req->headers.v[i].value_len + 4;
+        h2c_kick(c);
+        return 0;
+}
+
+static int h2s_on_data(struct wp_h2 *h, void *su, const uint8_t *d, size_t n)
+{
+        struct l7t *t = su;
+
+        (void)h;
+        if (dbuf_append(&t->rx, d, n) < 0)
+                return -ENOMEM;
+        t_process(t);
+        return 0;
+}
+
+static void h2s_on_end(struct wp_h2 *h, void *su, struct wp_headers *trailers)
+{
+        struct l7t *t = su;
+
+        (void)h;
+        t->eof_in = true;
+        t->h2trailers = trailers;
+        t_process(t);
+}
+
+static void h2s_on_close(struct wp_h2 *h, void *su, uint32_t error)
+{
+        struct l7t *t = su;
+
+        (void)h;
+        if (error && t->state == S_REQ)
+                wp_debug("l7", "[T%lu/%d] stream reset by the client (%u)", (unsigned long)t->id,
+                         t->sid, error);
+        t_free(t);
+}
+
+static void h2s_on_writable(struct wp_h2 *h, void *su)
+{
+        struct l7t *t = su;
+
+        (void)h;
+        t_process_up(t);
+        t_process(t);
+}
+
+static const struct wp_h2_callbacks h2c_callbacks = {
+        .on_request = h2s_on_request,
+        .on_data = h2s_on_data,
+        .on_end = h2s_on_end,
+        .on_close = h2s_on_close,
+        .on_writable = h2s_on_writable,
+};
+
+/* The tunnel starts with the HTTP/2 preface: it becomes an inner HTTP/2 connection. */
+static int h2c_start(struct l7t *t)
+{
+        struct wp_h2_limits lim;
+        size_t len = t->rx.len;
+
+        wp_h2_limits_default(&lim);
+        if (wp_h2_new(&h2c_callbacks, &lim, true, t, &t->h2) < 0)
+                return -ENOMEM;
+        t->mode = M_H2CONN;
+        wp_list_init(&t->h2streams);
+        wp_list_add_tail(&tls_get()->h2conns, &t->h2conn_link);
+        t->h2flush.run = h2c_task;
+        if (tls_get()->draining)
+                wp_h2_goaway(t->h2, WP_H2_NO_ERROR);
+        wp_h1_parser_free(t->parser);
+        t->parser = NULL;
+        wp_debug("l7", "[T%lu] h2c prior knowledge", (unsigned long)t->id);
+        h2c_input(t, dbuf_data(&t->rx), len);
+        rx_consume(t, len);
+        return 0;
 }
 
 static int t_on_data(struct l7t *t, const uint8_t *data, size_t len)
@@ -1992,6 +3308,13 @@ static int t_on_data(struct l7t *t, const uint8_t *data, size_t len)
         if (t->state == S_CLOSING) {
                 hbone_stream_consume(t->down, len);
                 hbone_conn_kick(t->conn);
+                return 0;
+        }
+        if (t->mode == M_H2CONN) {
+                /* the inner session's own flow control bounds what it buffers */
+                hbone_stream_consume(t->down, len);
+                hbone_conn_kick(t->conn);
+                h2c_input(t, data, len);
                 return 0;
         }
         if (dbuf_append(&t->rx, data, len) < 0)
@@ -2003,11 +3326,19 @@ static int t_on_data(struct l7t *t, const uint8_t *data, size_t len)
 static void t_on_eof(struct l7t *t)
 {
         t->eof_in = true;
+        if (t->mode == M_H2CONN) {
+                h2c_kick(t);
+                return;
+        }
         t_process(t);
 }
 
 static void t_on_writable(struct l7t *t)
 {
+        if (t->mode == M_H2CONN) {
+                h2c_flush(t);
+                return;
+        }
         t_process_up(t);
         t_process(t);
 }
@@ -2015,6 +3346,10 @@ static void t_on_writable(struct l7t *t)
 static void t_on_close(struct l7t *t)
 {
         t->down = NULL;
+        if (t->mode == M_H2CONN && t->h2flush.queued) {
+                t->h2dead = true; /* freed by the queued task */
+                return;
+        }
         t_free(t);
 }
 
@@ -2022,28 +3357,15 @@ int wp_l7_tunnel_start(const struct wp_l7_start *s)
 {
         const struct wp_http_conf *http = s->chain->http;
         const struct sockaddr_storage *peer = hbone_conn_peer_addr(s->conn);
-        struct l7t *t = wp_calloc(1, sizeof(*t));
-        size_t fsz = 0;
+        struct l7t *t = t_alloc(http, true);
 
         if (!t)
                 return -ENOMEM;
-        for (size_t i = 0; i < http->nfilters; i++)
-                fsz += (http->filters[i].ops->stream_state_size + 15) & ~(size_t)15;
-        if (wp_h1_parser_new(WP_H1_REQUEST, NULL, &t->parser) < 0 ||
-            (fsz && !(t->filter_state = wp_calloc(1, fsz))) ||
-            (http->nfilters && !(t->fstreams = wp_calloc(http->nfilters, sizeof(*t->fstreams))))) {
-                wp_h1_parser_free(t->parser);
-                wp_free(t->filter_state);
-                wp_free(t);
-                return -ENOMEM;
-        }
-        t->obj.kind = OBJ_TUNNEL;
         t->w = s->w;
         t->loop = s->loop;
         t->conn = s->conn;
         t->down = s->st;
         t->chain = s->chain;
-        t->http = http;
         t->id = s->id;
         t->pool_idle_ms = s->pool_idle_ms;
         t->connect_timeout_ms = s->connect_timeout_ms;
@@ -2054,13 +3376,7 @@ int wp_l7_tunnel_start(const struct wp_l7_start *s)
         snprintf(t->target, sizeof(t->target), "%s", s->req->authority);
         if (s->req->baggage)
                 snprintf(t->baggage, sizeof(t->baggage), "%s", s->req->baggage);
-        t->filter_state_size = fsz;
-        t->timeout.on_fire = on_timeout;
-        t->backoff.on_fire = on_backoff;
-        t->per_try.on_fire = on_per_try;
-        t->linger.on_fire = on_linger;
         t->snap = wp_snapshot_ref(s->snap);
-        t->state = S_IDLE;
         hbone_stream_set_user(s->st, TAG(t));
         hbone_stream_respond(s->st, 200, NULL, 0);
         hbone_conn_kick(s->conn);
@@ -2160,6 +3476,16 @@ void wp_l7_worker_drain(void)
         x->draining = true;
         while (!wp_list_empty(&x->idle))
                 up_close(container_of(x->idle.next, struct l7up, idle_link));
+        for (struct wp_list *it = x->muxes.next; it != &x->muxes; it = it->next)
+                mux_kick(container_of(it, struct l7mux, link)); /* idle ones close */
+        /* inner HTTP/2 clients: GOAWAY(NO_ERROR); streams in flight complete, then the tunnel
+         * ends and the client reconnects (inner HTTP/1.1 gets "connection: close") */
+        for (struct wp_list *it = x->h2conns.next; it != &x->h2conns; it = it->next) {
+                struct l7t *c = container_of(it, struct l7t, h2conn_link);
+
+                wp_h2_goaway(c->h2, WP_H2_NO_ERROR);
+                h2c_kick(c);
+        }
 }
 
 void wp_l7_worker_done(void)
@@ -2167,5 +3493,21 @@ void wp_l7_worker_done(void)
         struct l7_tls *x = tls_get();
 
         wp_l7_worker_drain();
+        /* upstream HTTP/2 sessions end through their (deferred) task: run the loop until the
+         * last one is freed */
+        for (int i = 0; i < 200 && (x->nmux || x->nmux_io); i++) {
+                struct wp_loop *loop = x->mux_loop;
+
+                for (struct wp_list *it = x->muxes.next; it != &x->muxes; it = it->next) {
+                        struct l7mux *m = container_of(it, struct l7mux, link);
+
+                        if (!m->dead) {
+                                m->dead = true;
+                                m->why = "exit";
+                        }
+                        mux_kick(m);
+                }
+                wp_loop_run_once(loop, WP_NSEC_PER_MSEC);
+        }
         lbst_reset(x);
 }

@@ -1,18 +1,26 @@
 /*
- * L7: HTTP/1.1 inside HBONE tunnels for WP_CHAIN_HTTP chains (istiod's http_connection_manager).
+ * L7: HTTP inside HBONE tunnels for WP_CHAIN_HTTP chains (istiod's http_connection_manager).
  *
- * A tunnel to an HTTP chain is answered 200 at once (as Envoy does) and its bytes are parsed as
- * HTTP/1.1 requests, one at a time (pipelined bytes wait in the receive buffer, their HTTP/2
- * credit withheld). Each request runs the chain's filters (RBAC), is routed (router.h), balanced
- * over the cluster (lb.h, per-worker state) and forwarded over an upstream HTTP/1.1 connection:
- * a CONNECT tunnel on the worker's HBONE pool for HBONE endpoints, a TCP connection otherwise.
- * Upstream connections are kept per worker and endpoint while idle and reused (keep-alive).
+ * A tunnel to an HTTP chain is answered 200 at once (as Envoy does). Its bytes are HTTP/1.1
+ * requests, one at a time (pipelined bytes wait in the receive buffer, their HTTP/2 credit
+ * withheld), or, when they start with the HTTP/2 preface (h2c prior knowledge), an inner
+ * HTTP/2 connection (waypoint/h2.h) whose streams are independent requests (up to 100 at once,
+ * credit returned as their bodies are consumed). Either way each request runs the chain's
+ * filters (RBAC), is routed (router.h), balanced over the cluster (lb.h, per-worker state) and
+ * forwarded in the cluster's protocol (HttpProtocolOptions, snapshot.h): HTTP/1.1 over a
+ * connection of its own (a CONNECT tunnel on the worker's HBONE pool for HBONE endpoints, TCP
+ * otherwise), kept per worker and endpoint while idle and reused (keep-alive); or HTTP/2 as a
+ * stream of the worker's session to that endpoint, shared by many requests. Messages are
+ * translated between the two protocols both ways (chunked <-> DATA, trailers, TE: trailers).
+ * gRPC requests get gRPC-shaped local replies. Routes may mirror requests (shadows whose
+ * responses are dropped).
  *
- * HTTP/2 prior knowledge inside the tunnel ("PRI * HTTP/2.0" preface) is not supported yet: the
- * tunnel is reset (REFUSED_STREAM).
+ * Drain (wp_l7_worker_drain): inner HTTP/2 connections get GOAWAY(NO_ERROR) and end once their
+ * streams are done; inner HTTP/1.1 responses say "connection: close"; idle upstream connections
+ * and sessions close.
  *
  * Threading: everything runs on the worker thread that owns the downstream connection; the
- * per-worker parts (idle upstream connections, LB state) are thread-local.
+ * per-worker parts (idle upstream connections, HTTP/2 sessions, LB state) are thread-local.
  */
 #ifndef WP_L7_H
 #define WP_L7_H
@@ -45,8 +53,8 @@ struct wp_l7_start {
         uint32_t connect_timeout_ms; /* 0: the cluster's */
 };
 
-/* Takes the tunnel: answers 200 and serves HTTP/1.1 on it. Returns 0, or -ENOMEM (the tunnel was
- * not touched: the caller answers it). */
+/* Takes the tunnel: answers 200 and serves HTTP (1.1 or h2c) on it. Returns 0, or -ENOMEM (the
+ * tunnel was not touched: the caller answers it). */
 int wp_l7_tunnel_start(const struct wp_l7_start *s);
 
 /* hbone_callbacks members for the worker's downstream and upstream sessions: streams owned by
@@ -57,9 +65,11 @@ void wp_l7_cb_on_writable(struct hbone_stream *st, void *user);
 void wp_l7_cb_on_close(struct hbone_stream *st, uint32_t h2_error, void *user);
 void wp_l7_cb_on_response(struct hbone_stream *st, unsigned status, void *user);
 
-/* The worker drains: close this thread's idle upstream connections and keep no new ones. */
+/* The worker drains: GOAWAY to inner HTTP/2 clients, "connection: close" to inner HTTP/1.1 ones;
+ * close this thread's idle upstream connections and sessions and keep no new ones. */
 void wp_l7_worker_drain(void);
-/* The worker thread ends: frees this thread's L7 state (LB states). */
+/* The worker thread ends: frees this thread's L7 state (HTTP/2 sessions, LB states); runs the
+ * loop until the sessions' transports are gone. */
 void wp_l7_worker_done(void);
 
 /*

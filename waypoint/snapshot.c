@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.pb-c.h"
+#include "envoy/extensions/upstreams/http/v3/http_protocol_options.pb-c.h"
 #include "filters/filter.h"
 #include "hbone/hbone.h"
 #include "waypoint/accesslog.h"
@@ -364,18 +365,67 @@ static int compile_lb(struct build *b, const Envoy__Config__Cluster__V3__Cluster
 /* passthrough clusters (encap) are marked with neps == 0 and this sentinel */
 static char passthrough_mark;
 
+/* Cluster.typed_extension_protocol_options: the upstream HTTP protocol (istiod marks HTTP/2 and
+ * gRPC service ports with explicit http2_protocol_options, sniffed ones with
+ * use_downstream_protocol_config). */
+static int compile_http_protocol(struct build *b, const Envoy__Config__Cluster__V3__Cluster *pc,
+                                 struct wp_cluster *c)
+{
+        for (size_t i = 0; i < pc->n_typed_extension_protocol_options; i++) {
+                const Envoy__Config__Cluster__V3__Cluster__TypedExtensionProtocolOptionsEntry *e =
+                        pc->typed_extension_protocol_options[i];
+                Envoy__Extensions__Upstreams__Http__V3__HttpProtocolOptions *o = NULL;
+                const char *err = NULL;
+                int r;
+
+                if (!e->key || strcmp(e->key, "envoy.extensions.upstreams.http.v3.HttpProtocolOptions") ||
+                    !e->value)
+                        continue;
+                r = xds_any_unpack(e->value, &envoy__extensions__upstreams__http__v3__http_protocol_options__descriptor,
+                                   (ProtobufCMessage **)&o, &err);
+                if (r < 0)
+                        return r == -ENOMEM ? r : fail(b, "Cluster %s: typed_extension_protocol_options: %s",
+                                                       pc->name, err ? err : "invalid HttpProtocolOptions");
+                switch (o->upstream_protocol_options_case) {
+                case ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__UPSTREAM_PROTOCOL_OPTIONS_EXPLICIT_HTTP_CONFIG:
+                        if (o->explicit_http_config->protocol_config_case ==
+                            ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__EXPLICIT_HTTP_CONFIG__PROTOCOL_CONFIG_HTTP2_PROTOCOL_OPTIONS)
+                                c->http_protocol = WP_UPSTREAM_HTTP2;
+                        else if (o->explicit_http_config->protocol_config_case ==
+                                 ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__EXPLICIT_HTTP_CONFIG__PROTOCOL_CONFIG_HTTP3_PROTOCOL_OPTIONS)
+                                r = fail(b, "Cluster %s: typed_extension_protocol_options: HTTP/3 is not supported",
+                                         pc->name);
+                        break;
+                case ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__UPSTREAM_PROTOCOL_OPTIONS_USE_DOWNSTREAM_PROTOCOL_CONFIG:
+                        if (o->use_downstream_protocol_config->http2_protocol_options)
+                                c->http_protocol = WP_UPSTREAM_DOWNSTREAM;
+                        break;
+                default:
+                        break; /* auto_config without TLS/ALPN: HTTP/1.1 */
+                }
+                xds_pbjson_message_free(&o->base);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
 static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cluster *pc,
                            struct wp_cluster *c, bool *ret_skip)
 {
         const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *cla = NULL;
         size_t n = 0, k = 0;
         bool passthrough = false;
+        int hr;
 
         *ret_skip = false;
         c->name = wp_strdup(pc->name);
         if (!c->name)
                 return -ENOMEM;
         c->connect_timeout_ms = duration_ms(pc->connect_timeout, 10000);
+        hr = compile_http_protocol(b, pc, c);
+        if (hr < 0)
+                return hr;
         if (pc->cluster_discovery_type_case != ENVOY__CONFIG__CLUSTER__V3__CLUSTER__CLUSTER_DISCOVERY_TYPE_TYPE)
                 return fail(b, "Cluster %s: cluster_type: custom cluster types are not supported",
                             pc->name);

@@ -46,6 +46,15 @@ struct wp_cluster {
         _Atomic uint64_t rr; /* round-robin cursor, shared by workers (relaxed) */
         struct wp_lb *lb;    /* per-request balancer (lb_policy); NULL for passthrough */
         bool passthrough;    /* `encap`: the tunnel's own destination, through its ztunnel */
+        uint8_t http_protocol; /* enum wp_upstream_http (HttpProtocolOptions) */
+};
+
+/* A cluster's upstream HTTP protocol (typed_extension_protocol_options
+ * "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"). */
+enum wp_upstream_http {
+        WP_UPSTREAM_HTTP1 = 0,      /* none, explicit http_protocol_options, auto_config */
+        WP_UPSTREAM_HTTP2,          /* explicit_http_config.http2_protocol_options (h2c) */
+        WP_UPSTREAM_DOWNSTREAM,     /* use_downstream_protocol_config with http2 options */
 };
 
 enum wp_chain_kind {

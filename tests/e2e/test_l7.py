@@ -6,7 +6,8 @@ plain TCP endpoint -> Python http.server backends. Checks routing (path, header,
 weighted split, redirect, direct response, prefix rewrite, header mutations, RBAC, per-request
 load balancing, timeout (504), retries (attempts seen by the backend), connect failure (503),
 keep-alive reuse of upstream tunnels (CONNECTs counted at the destination stand-in), a
-WebSocket-style upgrade, and request smuggling attempts (400, tunnel closed, waypoint survives).
+WebSocket-style upgrade, an h2c prior-knowledge request (test_l7_h2.py covers HTTP/2), and
+request smuggling attempts (400, tunnel closed, waypoint survives).
 """
 
 import asyncio
@@ -17,9 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hbonelib  # noqa: E402
-from hbonelib import (CLIENT_ID, Endpoint, Service, Waypoint, block_for, make_config,  # noqa: E402
-                      TunnelReset)
-from l7lib import H1, HttpBackend, http_chain, with_http_chains  # noqa: E402
+from hbonelib import (CLIENT_ID, Endpoint, Service, Waypoint, block_for,  # noqa: E402
+                      make_config)
+from l7lib import H1, H2, HttpBackend, http_chain, with_http_chains  # noqa: E402
 
 WEB_PODS = (31, 32, 33)
 V2_POD, SLOW_POD, FLAKY_POD, WS_POD, PLAIN_POD, NOSTANDIN_POD = 34, 35, 36, 37, 38, 39
@@ -131,12 +132,23 @@ class L7Topology:
         return with_http_chains(cfg, chains)
 
 
-class L7Test(hbonelib.AsyncTestCase):
+class L7Base(hbonelib.AsyncTestCase):
+    """The waypoint on the class's block with `topology`'s config, HTTP/1.1 backends on the
+    pods, destination stand-ins (forward mode) on the HBONE pods. Subclasses may add backends
+    (extra_backends) and HBONE pods (extra_hbone_pods)."""
+
+    topology = L7Topology
+    extra_hbone_pods = ()
+
+    @classmethod
+    def extra_backends(cls, ip):
+        return {}
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.block = block_for(cls.__module__ + '.' + cls.__name__)
-        cls.topo = L7Topology(cls.block)
+        cls.topo = cls.topology(cls.block)
         ip = cls.topo.ip
         cls.backends = {}
         for p in WEB_PODS + (V2_POD,):
@@ -145,6 +157,7 @@ class L7Test(hbonelib.AsyncTestCase):
         cls.backends[FLAKY_POD] = HttpBackend('flaky', ip(FLAKY_POD), APP_PORT, mode='flaky')
         cls.backends[WS_POD] = HttpBackend('ws', ip(WS_POD), APP_PORT, mode='ws')
         cls.backends[PLAIN_POD] = HttpBackend('plain', ip(PLAIN_POD), APP_PORT)
+        cls.backends.update(cls.extra_backends(ip))
         cls.wp = Waypoint(cls.topo.wp_ip, cls.topo.config(), name=cls.__name__)
         cls.wp.start()
 
@@ -159,7 +172,7 @@ class L7Test(hbonelib.AsyncTestCase):
         for b in self.backends.values():
             b.reset()
         self.dest = {}
-        for p in HBONE_PODS:
+        for p in HBONE_PODS + tuple(self.extra_hbone_pods):
             self.dest[p] = await self.server(self.topo.ip(p), 15008, mode='forward')
         self.wp.assert_healthy()
 
@@ -167,6 +180,8 @@ class L7Test(hbonelib.AsyncTestCase):
         await super().asyncTearDown()
         self.wp.assert_healthy()
 
+
+class L7Test(L7Base):
     async def h1(self, service='web', client=None):
         c = client or await self.client(self.wp.hbone_addr, local_ip=self.topo.client_ip)
         t = c.open_tunnel(self.topo.authority(service))
@@ -398,11 +413,13 @@ class L7Test(hbonelib.AsyncTestCase):
                 got += await h.t.recv(timeout=10)
             self.assertEqual(got, msg)
 
-    async def test_h2c_prior_knowledge_is_refused(self):
+    async def test_h2c_prior_knowledge_is_served(self):
+        # the preface switches the tunnel to HTTP/2 (test_l7_h2.py covers it in depth)
         h = await self.h1()
-        await h.send_raw(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n')
-        with self.assertRaises(TunnelReset):
-            await h.t.recv_all(timeout=5)
+        s = await H2(h.t).start()
+        s = await s.request('GET', '/app/h2')
+        self.assertEqual(s.status, 200, s)
+        self.assertIn(s.json()['pod'], ['pod%d' % p for p in WEB_PODS])
         await self.assert_still_serves()
 
     # --- bad input
