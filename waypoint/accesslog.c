@@ -34,7 +34,7 @@
 static __thread char errbuf[256];
 
 static int fail(int err, const char **reterr_desc, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+        __attribute__((format(printf, 3, 4)));
 static int fail(int err, const char **reterr_desc, const char *fmt, ...)
 {
         va_list ap;
@@ -50,16 +50,16 @@ static int fail(int err, const char **reterr_desc, const char *fmt, ...)
 /* ---- response flags -------------------------------------------------------------------- */
 
 static const char *const flag_names[_WP_AL_FLAG_MAX] = {
-    [WP_AL_FLAG_LH] = "LH",     [WP_AL_FLAG_UH] = "UH",       [WP_AL_FLAG_UT] = "UT",
-    [WP_AL_FLAG_LR] = "LR",     [WP_AL_FLAG_UR] = "UR",       [WP_AL_FLAG_UF] = "UF",
-    [WP_AL_FLAG_UC] = "UC",     [WP_AL_FLAG_UO] = "UO",       [WP_AL_FLAG_NR] = "NR",
-    [WP_AL_FLAG_DI] = "DI",     [WP_AL_FLAG_FI] = "FI",       [WP_AL_FLAG_RL] = "RL",
-    [WP_AL_FLAG_UAEX] = "UAEX", [WP_AL_FLAG_RLSE] = "RLSE",   [WP_AL_FLAG_DC] = "DC",
-    [WP_AL_FLAG_URX] = "URX",   [WP_AL_FLAG_SI] = "SI",       [WP_AL_FLAG_IH] = "IH",
-    [WP_AL_FLAG_DPE] = "DPE",   [WP_AL_FLAG_UMSDR] = "UMSDR", [WP_AL_FLAG_RFCF] = "RFCF",
-    [WP_AL_FLAG_NFCF] = "NFCF", [WP_AL_FLAG_DT] = "DT",       [WP_AL_FLAG_UPE] = "UPE",
-    [WP_AL_FLAG_NC] = "NC",     [WP_AL_FLAG_OM] = "OM",       [WP_AL_FLAG_DF] = "DF",
-    [WP_AL_FLAG_DO] = "DO",     [WP_AL_FLAG_DR] = "DR",       [WP_AL_FLAG_UDO] = "UDO",
+        [WP_AL_FLAG_LH] = "LH",     [WP_AL_FLAG_UH] = "UH",       [WP_AL_FLAG_UT] = "UT",
+        [WP_AL_FLAG_LR] = "LR",     [WP_AL_FLAG_UR] = "UR",       [WP_AL_FLAG_UF] = "UF",
+        [WP_AL_FLAG_UC] = "UC",     [WP_AL_FLAG_UO] = "UO",       [WP_AL_FLAG_NR] = "NR",
+        [WP_AL_FLAG_DI] = "DI",     [WP_AL_FLAG_FI] = "FI",       [WP_AL_FLAG_RL] = "RL",
+        [WP_AL_FLAG_UAEX] = "UAEX", [WP_AL_FLAG_RLSE] = "RLSE",   [WP_AL_FLAG_DC] = "DC",
+        [WP_AL_FLAG_URX] = "URX",   [WP_AL_FLAG_SI] = "SI",       [WP_AL_FLAG_IH] = "IH",
+        [WP_AL_FLAG_DPE] = "DPE",   [WP_AL_FLAG_UMSDR] = "UMSDR", [WP_AL_FLAG_RFCF] = "RFCF",
+        [WP_AL_FLAG_NFCF] = "NFCF", [WP_AL_FLAG_DT] = "DT",       [WP_AL_FLAG_UPE] = "UPE",
+        [WP_AL_FLAG_NC] = "NC",     [WP_AL_FLAG_OM] = "OM",       [WP_AL_FLAG_DF] = "DF",
+        [WP_AL_FLAG_DO] = "DO",     [WP_AL_FLAG_DR] = "DR",       [WP_AL_FLAG_UDO] = "UDO",
 };
 
 const char *wp_al_flag_name(enum wp_al_flag f)
@@ -77,7 +77,42 @@ int wp_al_flag_parse(const char *s, size_t len)
         return -EINVAL;
 }
 
-size_t wp_al_flags_format(uint64_t flags, char *buf, size_t cap)
+static const char *const flag_long_names[_WP_AL_FLAG_MAX] = {
+        [WP_AL_FLAG_LH] = "FailedLocalHealthCheck",
+        [WP_AL_FLAG_UH] = "NoHealthyUpstream",
+        [WP_AL_FLAG_UT] = "UpstreamRequestTimeout",
+        [WP_AL_FLAG_LR] = "LocalReset",
+        [WP_AL_FLAG_UR] = "UpstreamRemoteReset",
+        [WP_AL_FLAG_UF] = "UpstreamConnectionFailure",
+        [WP_AL_FLAG_UC] = "UpstreamConnectionTermination",
+        [WP_AL_FLAG_UO] = "UpstreamOverflow",
+        [WP_AL_FLAG_NR] = "NoRouteFound",
+        [WP_AL_FLAG_DI] = "DelayInjected",
+        [WP_AL_FLAG_FI] = "FaultInjected",
+        [WP_AL_FLAG_RL] = "RateLimited",
+        [WP_AL_FLAG_UAEX] = "UnauthorizedExternalService",
+        [WP_AL_FLAG_RLSE] = "RateLimitServiceError",
+        [WP_AL_FLAG_DC] = "DownstreamConnectionTermination",
+        [WP_AL_FLAG_URX] = "UpstreamRetryLimitExceeded",
+        [WP_AL_FLAG_SI] = "StreamIdleTimeout",
+        [WP_AL_FLAG_IH] = "InvalidEnvoyRequestHeaders",
+        [WP_AL_FLAG_DPE] = "DownstreamProtocolError",
+        [WP_AL_FLAG_UMSDR] = "UpstreamMaxStreamDurationReached",
+        [WP_AL_FLAG_RFCF] = "ResponseFromCacheFilter",
+        [WP_AL_FLAG_NFCF] = "NoFilterConfigFound",
+        [WP_AL_FLAG_DT] = "DurationTimeout",
+        [WP_AL_FLAG_UPE] = "UpstreamProtocolError",
+        [WP_AL_FLAG_NC] = "NoClusterFound",
+        [WP_AL_FLAG_OM] = "OverloadManagerTerminated",
+        [WP_AL_FLAG_DF] = "DnsResolutionFailed",
+        [WP_AL_FLAG_DO] = "DropOverload",
+        [WP_AL_FLAG_DR] = "DownstreamRemoteReset",
+        [WP_AL_FLAG_UDO] = "UnconditionalDropOverload",
+};
+
+/* The names (short or long) of the set flags, comma-separated in Envoy's order, or "-" for none,
+ * NUL-terminated (truncated to cap - 1). Returns the full length (snprintf-style). */
+static size_t flags_join(uint64_t flags, const char *const *names, char *buf, size_t cap)
 {
         size_t n = 0;
 
@@ -92,7 +127,7 @@ size_t wp_al_flags_format(uint64_t flags, char *buf, size_t cap)
                         continue;
                 if (n > 0)
                         FLAGS_PUT(",", 1);
-                FLAGS_PUT(flag_names[i], strlen(flag_names[i]));
+                FLAGS_PUT(names[i], strlen(names[i]));
         }
         if (n == 0)
                 FLAGS_PUT("-", 1);
@@ -102,51 +137,56 @@ size_t wp_al_flags_format(uint64_t flags, char *buf, size_t cap)
         return n;
 }
 
+size_t wp_al_flags_format(uint64_t flags, char *buf, size_t cap)
+{
+        return flags_join(flags, flag_names, buf, cap);
+}
+
 /* ---- default formats ------------------------------------------------------------------- */
 
 const char wp_al_envoy_default_format[] =
-    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
-    "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% "
-    "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" "
-    "\"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+        "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
+        "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% "
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" "
+        "\"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
 
 const char wp_al_istio_text_format[] =
-    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
-    "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% "
-    "\"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% "
-    "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" "
-    "\"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% "
-    "%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% "
-    "%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+        "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
+        "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% "
+        "\"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% "
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" "
+        "\"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% "
+        "%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% "
+        "%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
 
 const struct wp_al_json_field wp_al_istio_json_format[] = {
-    {"start_time", "%START_TIME%"},
-    {"route_name", "%ROUTE_NAME%"},
-    {"method", "%REQ(:METHOD)%"},
-    {"path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"},
-    {"protocol", "%PROTOCOL%"},
-    {"response_code", "%RESPONSE_CODE%"},
-    {"response_flags", "%RESPONSE_FLAGS%"},
-    {"response_code_details", "%RESPONSE_CODE_DETAILS%"},
-    {"connection_termination_details", "%CONNECTION_TERMINATION_DETAILS%"},
-    {"bytes_received", "%BYTES_RECEIVED%"},
-    {"bytes_sent", "%BYTES_SENT%"},
-    {"duration", "%DURATION%"},
-    {"upstream_service_time", "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%"},
-    {"x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"},
-    {"user_agent", "%REQ(USER-AGENT)%"},
-    {"request_id", "%REQ(X-REQUEST-ID)%"},
-    {"authority", "%REQ(:AUTHORITY)%"},
-    {"upstream_host", "%UPSTREAM_HOST%"},
-    {"upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"},
-    {"upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"},
-    {"downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"},
-    {"downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"},
-    {"requested_server_name", "%REQUESTED_SERVER_NAME%"},
-    {"upstream_transport_failure_reason", "%UPSTREAM_TRANSPORT_FAILURE_REASON%"},
+        {"start_time", "%START_TIME%"},
+        {"route_name", "%ROUTE_NAME%"},
+        {"method", "%REQ(:METHOD)%"},
+        {"path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"},
+        {"protocol", "%PROTOCOL%"},
+        {"response_code", "%RESPONSE_CODE%"},
+        {"response_flags", "%RESPONSE_FLAGS%"},
+        {"response_code_details", "%RESPONSE_CODE_DETAILS%"},
+        {"connection_termination_details", "%CONNECTION_TERMINATION_DETAILS%"},
+        {"bytes_received", "%BYTES_RECEIVED%"},
+        {"bytes_sent", "%BYTES_SENT%"},
+        {"duration", "%DURATION%"},
+        {"upstream_service_time", "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%"},
+        {"x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"},
+        {"user_agent", "%REQ(USER-AGENT)%"},
+        {"request_id", "%REQ(X-REQUEST-ID)%"},
+        {"authority", "%REQ(:AUTHORITY)%"},
+        {"upstream_host", "%UPSTREAM_HOST%"},
+        {"upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"},
+        {"upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"},
+        {"downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"},
+        {"downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"},
+        {"requested_server_name", "%REQUESTED_SERVER_NAME%"},
+        {"upstream_transport_failure_reason", "%UPSTREAM_TRANSPORT_FAILURE_REASON%"},
 };
 const size_t wp_al_istio_json_format_len =
-    sizeof(wp_al_istio_json_format) / sizeof(wp_al_istio_json_format[0]);
+        sizeof(wp_al_istio_json_format) / sizeof(wp_al_istio_json_format[0]);
 
 /* ---- compiled format ------------------------------------------------------------------- */
 
@@ -178,7 +218,53 @@ enum op {
         OP_ROUTE_NAME,
         OP_UPSTREAM_REQUEST_ATTEMPT_COUNT,
         OP_FILTER_STATE,
+        OP_REQUEST_TX_DURATION,
+        OP_DOWNSTREAM_HANDSHAKE_DURATION,
+        OP_UPSTREAM_POOL_READY_DURATION,
+        OP_MISSING, /* ROUNDTRIP_DURATION (HTTP/3 only): always missing */
+        OP_COMMON_DURATION,
+        OP_HEADER_BYTES, /* sub: HB_* */
+        OP_WIRE_BYTES,   /* sub: WB_* */
+        OP_UPSTREAM_PROTOCOL,
+        OP_CONNECTION_ID,
+        OP_UPSTREAM_CONNECTION_ID,
+        OP_PORT, /* sub: which address */
+        OP_RESPONSE_FLAGS_LONG,
 };
+
+enum { HB_REQUEST, HB_RESPONSE, HB_TRAILERS };
+enum {
+        WB_UPSTREAM_SENT,
+        WB_UPSTREAM_RECEIVED,
+        WB_UPSTREAM_HEADER_SENT,
+        WB_UPSTREAM_HEADER_RECEIVED,
+        WB_DOWNSTREAM_SENT,
+        WB_DOWNSTREAM_RECEIVED,
+        WB_DOWNSTREAM_HEADER_SENT,
+        WB_DOWNSTREAM_HEADER_RECEIVED,
+};
+
+/* COMMON_DURATION time points (Envoy's names), and custom names (always missing here). */
+enum {
+        CP_DS_RX_BEG,
+        CP_DS_RX_END,
+        CP_US_CX_BEG,
+        CP_US_CX_END,
+        CP_US_HS_END,
+        CP_US_TX_BEG,
+        CP_US_TX_END,
+        CP_US_RX_BEG,
+        CP_US_RX_BODY_BEG,
+        CP_US_RX_END,
+        CP_DS_TX_BEG,
+        CP_DS_TX_END,
+        CP_CUSTOM,
+};
+static const char *const cp_names[CP_CUSTOM] = {
+        "DS_RX_BEG", "DS_RX_END", "US_CX_BEG",      "US_CX_END", "US_HS_END", "US_TX_BEG",
+        "US_TX_END", "US_RX_BEG", "US_RX_BODY_BEG", "US_RX_END", "DS_TX_BEG", "DS_TX_END",
+};
+enum { PREC_MS, PREC_US, PREC_NS };
 
 enum { ADDR_UPSTREAM_HOST, ADDR_UPSTREAM_LOCAL, ADDR_DOWNSTREAM_LOCAL, ADDR_DOWNSTREAM_REMOTE };
 #define ADDR_NO_PORT 0x10
@@ -189,47 +275,75 @@ static const struct op_def {
         const char *name;
         uint8_t op, sub, arg;
 } op_defs[] = {
-    {"START_TIME", OP_START_TIME, 0, ARG_OPTIONAL},
-    {"DURATION", OP_DURATION, 0, ARG_NONE},
-    {"REQUEST_DURATION", OP_REQUEST_DURATION, 0, ARG_NONE},
-    {"RESPONSE_DURATION", OP_RESPONSE_DURATION, 0, ARG_NONE},
-    {"RESPONSE_TX_DURATION", OP_RESPONSE_TX_DURATION, 0, ARG_NONE},
-    {"RESPONSE_CODE", OP_RESPONSE_CODE, 0, ARG_NONE},
-    {"RESPONSE_CODE_DETAILS", OP_RESPONSE_CODE_DETAILS, 0, ARG_NONE},
-    {"CONNECTION_TERMINATION_DETAILS", OP_CONNECTION_TERMINATION_DETAILS, 0, ARG_NONE},
-    {"UPSTREAM_TRANSPORT_FAILURE_REASON", OP_UPSTREAM_TRANSPORT_FAILURE_REASON, 0, ARG_NONE},
-    {"RESPONSE_FLAGS", OP_RESPONSE_FLAGS, 0, ARG_NONE},
-    {"BYTES_RECEIVED", OP_BYTES_RECEIVED, 0, ARG_NONE},
-    {"BYTES_SENT", OP_BYTES_SENT, 0, ARG_NONE},
-    {"PROTOCOL", OP_PROTOCOL, 0, ARG_NONE},
-    {"REQ", OP_REQ, 0, ARG_REQUIRED},
-    {"REQ_WITHOUT_QUERY", OP_REQ_WITHOUT_QUERY, 0, ARG_REQUIRED},
-    {"RESP", OP_RESP, 0, ARG_REQUIRED},
-    {"TRAILER", OP_TRAILER, 0, ARG_REQUIRED},
-    {"UPSTREAM_HOST", OP_ADDR, ADDR_UPSTREAM_HOST, ARG_NONE},
-    {"UPSTREAM_REMOTE_ADDRESS", OP_ADDR, ADDR_UPSTREAM_HOST, ARG_NONE},
-    {"UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_UPSTREAM_HOST | ADDR_NO_PORT, ARG_NONE},
-    {"UPSTREAM_LOCAL_ADDRESS", OP_ADDR, ADDR_UPSTREAM_LOCAL, ARG_NONE},
-    {"UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_UPSTREAM_LOCAL | ADDR_NO_PORT, ARG_NONE},
-    {"DOWNSTREAM_LOCAL_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_LOCAL, ARG_NONE},
-    {"DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_DOWNSTREAM_LOCAL | ADDR_NO_PORT,
-     ARG_NONE},
-    {"DOWNSTREAM_REMOTE_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
-    {"DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_DOWNSTREAM_REMOTE | ADDR_NO_PORT,
-     ARG_NONE},
-    {"DOWNSTREAM_DIRECT_REMOTE_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
-    {"DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR,
-     ADDR_DOWNSTREAM_REMOTE | ADDR_NO_PORT, ARG_NONE},
-    {"UPSTREAM_CLUSTER", OP_UPSTREAM_CLUSTER, 0, ARG_NONE},
-    {"UPSTREAM_CLUSTER_RAW", OP_UPSTREAM_CLUSTER, 0, ARG_NONE},
-    {"DOWNSTREAM_PEER_URI_SAN", OP_DOWNSTREAM_PEER_URI_SAN, 0, ARG_NONE},
-    {"DOWNSTREAM_LOCAL_URI_SAN", OP_DOWNSTREAM_LOCAL_URI_SAN, 0, ARG_NONE},
-    {"REQUESTED_SERVER_NAME", OP_REQUESTED_SERVER_NAME, 0, ARG_NONE},
-    {"ROUTE_NAME", OP_ROUTE_NAME, 0, ARG_NONE},
-    {"UPSTREAM_REQUEST_ATTEMPT_COUNT", OP_UPSTREAM_REQUEST_ATTEMPT_COUNT, 0, ARG_NONE},
-    {"FILTER_STATE", OP_FILTER_STATE, 0, ARG_REQUIRED},
-    {"ENVIRONMENT", OP_STATIC, 0, ARG_REQUIRED},
-    {"HOSTNAME", OP_STATIC, 0, ARG_NONE},
+        {"START_TIME", OP_START_TIME, 0, ARG_OPTIONAL},
+        {"DURATION", OP_DURATION, 0, ARG_NONE},
+        {"REQUEST_DURATION", OP_REQUEST_DURATION, 0, ARG_NONE},
+        {"RESPONSE_DURATION", OP_RESPONSE_DURATION, 0, ARG_NONE},
+        {"RESPONSE_TX_DURATION", OP_RESPONSE_TX_DURATION, 0, ARG_NONE},
+        {"RESPONSE_CODE", OP_RESPONSE_CODE, 0, ARG_NONE},
+        {"RESPONSE_CODE_DETAILS", OP_RESPONSE_CODE_DETAILS, 0, ARG_NONE},
+        {"CONNECTION_TERMINATION_DETAILS", OP_CONNECTION_TERMINATION_DETAILS, 0, ARG_NONE},
+        {"UPSTREAM_TRANSPORT_FAILURE_REASON", OP_UPSTREAM_TRANSPORT_FAILURE_REASON, 0, ARG_NONE},
+        {"RESPONSE_FLAGS", OP_RESPONSE_FLAGS, 0, ARG_NONE},
+        {"BYTES_RECEIVED", OP_BYTES_RECEIVED, 0, ARG_NONE},
+        {"BYTES_SENT", OP_BYTES_SENT, 0, ARG_NONE},
+        {"PROTOCOL", OP_PROTOCOL, 0, ARG_NONE},
+        {"REQ", OP_REQ, 0, ARG_REQUIRED},
+        {"REQ_WITHOUT_QUERY", OP_REQ_WITHOUT_QUERY, 0, ARG_REQUIRED},
+        {"RESP", OP_RESP, 0, ARG_REQUIRED},
+        {"TRAILER", OP_TRAILER, 0, ARG_REQUIRED},
+        {"UPSTREAM_HOST", OP_ADDR, ADDR_UPSTREAM_HOST, ARG_NONE},
+        {"UPSTREAM_REMOTE_ADDRESS", OP_ADDR, ADDR_UPSTREAM_HOST, ARG_NONE},
+        {"UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_UPSTREAM_HOST | ADDR_NO_PORT,
+         ARG_NONE},
+        {"UPSTREAM_LOCAL_ADDRESS", OP_ADDR, ADDR_UPSTREAM_LOCAL, ARG_NONE},
+        {"UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_UPSTREAM_LOCAL | ADDR_NO_PORT,
+         ARG_NONE},
+        {"DOWNSTREAM_LOCAL_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_LOCAL, ARG_NONE},
+        {"DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_DOWNSTREAM_LOCAL | ADDR_NO_PORT,
+         ARG_NONE},
+        {"DOWNSTREAM_REMOTE_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
+        {"DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR, ADDR_DOWNSTREAM_REMOTE | ADDR_NO_PORT,
+         ARG_NONE},
+        {"DOWNSTREAM_DIRECT_REMOTE_ADDRESS", OP_ADDR, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
+        {"DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", OP_ADDR,
+         ADDR_DOWNSTREAM_REMOTE | ADDR_NO_PORT, ARG_NONE},
+        {"UPSTREAM_CLUSTER", OP_UPSTREAM_CLUSTER, 0, ARG_NONE},
+        {"UPSTREAM_CLUSTER_RAW", OP_UPSTREAM_CLUSTER, 0, ARG_NONE},
+        {"DOWNSTREAM_PEER_URI_SAN", OP_DOWNSTREAM_PEER_URI_SAN, 0, ARG_NONE},
+        {"DOWNSTREAM_LOCAL_URI_SAN", OP_DOWNSTREAM_LOCAL_URI_SAN, 0, ARG_NONE},
+        {"REQUESTED_SERVER_NAME", OP_REQUESTED_SERVER_NAME, 0, ARG_NONE},
+        {"ROUTE_NAME", OP_ROUTE_NAME, 0, ARG_NONE},
+        {"UPSTREAM_REQUEST_ATTEMPT_COUNT", OP_UPSTREAM_REQUEST_ATTEMPT_COUNT, 0, ARG_NONE},
+        {"FILTER_STATE", OP_FILTER_STATE, 0, ARG_REQUIRED},
+        {"REQUEST_TX_DURATION", OP_REQUEST_TX_DURATION, 0, ARG_NONE},
+        {"DOWNSTREAM_HANDSHAKE_DURATION", OP_DOWNSTREAM_HANDSHAKE_DURATION, 0, ARG_NONE},
+        {"UPSTREAM_CONNECTION_POOL_READY_DURATION", OP_UPSTREAM_POOL_READY_DURATION, 0, ARG_NONE},
+        {"ROUNDTRIP_DURATION", OP_MISSING, 0, ARG_NONE},
+        {"COMMON_DURATION", OP_COMMON_DURATION, 0, ARG_REQUIRED},
+        {"REQUEST_HEADERS_BYTES", OP_HEADER_BYTES, HB_REQUEST, ARG_NONE},
+        {"RESPONSE_HEADERS_BYTES", OP_HEADER_BYTES, HB_RESPONSE, ARG_NONE},
+        {"RESPONSE_TRAILERS_BYTES", OP_HEADER_BYTES, HB_TRAILERS, ARG_NONE},
+        {"UPSTREAM_WIRE_BYTES_SENT", OP_WIRE_BYTES, WB_UPSTREAM_SENT, ARG_NONE},
+        {"UPSTREAM_WIRE_BYTES_RECEIVED", OP_WIRE_BYTES, WB_UPSTREAM_RECEIVED, ARG_NONE},
+        {"UPSTREAM_HEADER_BYTES_SENT", OP_WIRE_BYTES, WB_UPSTREAM_HEADER_SENT, ARG_NONE},
+        {"UPSTREAM_HEADER_BYTES_RECEIVED", OP_WIRE_BYTES, WB_UPSTREAM_HEADER_RECEIVED, ARG_NONE},
+        {"DOWNSTREAM_WIRE_BYTES_SENT", OP_WIRE_BYTES, WB_DOWNSTREAM_SENT, ARG_NONE},
+        {"DOWNSTREAM_WIRE_BYTES_RECEIVED", OP_WIRE_BYTES, WB_DOWNSTREAM_RECEIVED, ARG_NONE},
+        {"DOWNSTREAM_HEADER_BYTES_SENT", OP_WIRE_BYTES, WB_DOWNSTREAM_HEADER_SENT, ARG_NONE},
+        {"DOWNSTREAM_HEADER_BYTES_RECEIVED", OP_WIRE_BYTES, WB_DOWNSTREAM_HEADER_RECEIVED,
+         ARG_NONE},
+        {"UPSTREAM_PROTOCOL", OP_UPSTREAM_PROTOCOL, 0, ARG_NONE},
+        {"CONNECTION_ID", OP_CONNECTION_ID, 0, ARG_NONE},
+        {"UPSTREAM_CONNECTION_ID", OP_UPSTREAM_CONNECTION_ID, 0, ARG_NONE},
+        {"UPSTREAM_LOCAL_PORT", OP_PORT, ADDR_UPSTREAM_LOCAL, ARG_NONE},
+        {"UPSTREAM_REMOTE_PORT", OP_PORT, ADDR_UPSTREAM_HOST, ARG_NONE},
+        {"DOWNSTREAM_LOCAL_PORT", OP_PORT, ADDR_DOWNSTREAM_LOCAL, ARG_NONE},
+        {"DOWNSTREAM_REMOTE_PORT", OP_PORT, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
+        {"DOWNSTREAM_DIRECT_REMOTE_PORT", OP_PORT, ADDR_DOWNSTREAM_REMOTE, ARG_NONE},
+        {"RESPONSE_FLAGS_LONG", OP_RESPONSE_FLAGS_LONG, 0, ARG_NONE},
+        {"ENVIRONMENT", OP_STATIC, 0, ARG_REQUIRED},
+        {"HOSTNAME", OP_STATIC, 0, ARG_NONE},
 };
 
 #define NO_MAX_LEN      UINT32_MAX
@@ -239,6 +353,7 @@ static const struct op_def {
 
 struct piece {
         uint8_t op, sub;
+        uint8_t cp_start, cp_end; /* COMMON_DURATION points (sub: precision) */
         uint32_t max_len;
         uint32_t a_off, a_len; /* literal / header name / strftime format / static value / key */
         uint32_t b_off, b_len; /* alternative header */
@@ -573,6 +688,49 @@ static int compile_command(struct wp_al_format *f, const char *name, size_t name
                         f->pieces[idx].a_len = (uint32_t)arg_len;
                 }
                 break;
+        case OP_COMMON_DURATION: {
+                /* START:END:PRECISION; a point that is none of Envoy's names is a custom time
+                 * point (set by named filters in Envoy: none here, so the value is missing) */
+                const char *c1 = memchr(arg, ':', arg_len), *c2;
+                size_t pl[3];
+                const char *pp[3];
+
+                c2 = c1 ? memchr(c1 + 1, ':', arg_len - (size_t)(c1 + 1 - arg)) : NULL;
+                if (!c1 || !c2 || memchr(c2 + 1, ':', arg_len - (size_t)(c2 + 1 - arg)))
+                        return fail(-EINVAL, reterr_desc,
+                                    "COMMON_DURATION(%.*s): expected START:END:PRECISION",
+                                    (int)(arg_len > 64 ? 64 : arg_len), arg);
+                pp[0] = arg;
+                pl[0] = (size_t)(c1 - arg);
+                pp[1] = c1 + 1;
+                pl[1] = (size_t)(c2 - c1 - 1);
+                pp[2] = c2 + 1;
+                pl[2] = arg_len - (size_t)(c2 + 1 - arg);
+                if (!pl[0] || !pl[1])
+                        return fail(-EINVAL, reterr_desc, "COMMON_DURATION: empty time point");
+                for (unsigned k = 0; k < 2; k++) {
+                        uint8_t cp = CP_CUSTOM;
+
+                        for (uint8_t j = 0; j < CP_CUSTOM; j++)
+                                if (strlen(cp_names[j]) == pl[k] &&
+                                    memcmp(cp_names[j], pp[k], pl[k]) == 0)
+                                        cp = j;
+                        if (k == 0)
+                                f->pieces[idx].cp_start = cp;
+                        else
+                                f->pieces[idx].cp_end = cp;
+                }
+                if (pl[2] == 2 && memcmp(pp[2], "ms", 2) == 0)
+                        f->pieces[idx].sub = PREC_MS;
+                else if (pl[2] == 2 && memcmp(pp[2], "us", 2) == 0)
+                        f->pieces[idx].sub = PREC_US;
+                else if (pl[2] == 2 && memcmp(pp[2], "ns", 2) == 0)
+                        f->pieces[idx].sub = PREC_NS;
+                else
+                        return fail(-EINVAL, reterr_desc,
+                                    "COMMON_DURATION: precision must be ms, us or ns");
+                break;
+        }
         case OP_FILTER_STATE: {
                 /* KEY, KEY:PLAIN or KEY:TYPED; the value is rendered as a plain string. */
                 const char *colon = memchr(arg, ':', arg_len);
@@ -926,7 +1084,7 @@ int wp_al_format_compile_json_fields(const struct wp_al_json_field *fields, size
         for (size_t i = 0; i < n; i++) {
                 Google__Protobuf__Value vi = GOOGLE__PROTOBUF__VALUE__INIT;
                 Google__Protobuf__Struct__FieldsEntry ei =
-                    GOOGLE__PROTOBUF__STRUCT__FIELDS_ENTRY__INIT;
+                        GOOGLE__PROTOBUF__STRUCT__FIELDS_ENTRY__INIT;
                 v[i] = vi;
                 v[i].kind_case = GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE;
                 v[i].string_value = (char *)fields[i].format;
@@ -955,8 +1113,9 @@ int wp_al_format_compile_sfs(const Envoy__Config__Core__V3__SubstitutionFormatSt
         if (sfs->json_format_options && sfs->json_format_options->sort_properties)
                 flags |= WP_AL_JSON_SORT;
         for (size_t i = 0; i < sfs->n_formatters; i++) {
-                const char *name =
-                    sfs->formatters[i] && sfs->formatters[i]->name ? sfs->formatters[i]->name : "";
+                const char *name = sfs->formatters[i] && sfs->formatters[i]->name
+                                           ? sfs->formatters[i]->name
+                                           : "";
                 if (strcmp(name, "envoy.formatter.req_without_query") != 0)
                         return fail(-EOPNOTSUPP, reterr_desc,
                                     "unsupported access log formatter extension \"%.64s\"", name);
@@ -1043,6 +1202,117 @@ static void val_ms(struct val *v, uint64_t from, uint64_t to, char *scratch)
         if (!from || !to)
                 return;
         val_num(v, to > from ? (to - from) / WP_NSEC_PER_MSEC : 0, scratch);
+}
+
+/* A COMMON_DURATION time point of c (monotonic ns), 0 when it did not happen. */
+static uint64_t common_point(const struct wp_al_ctx *c, uint8_t cp)
+{
+        switch (cp) {
+        case CP_DS_RX_BEG:
+                return c->start_ns;
+        case CP_DS_RX_END:
+                return c->request_end_ns;
+        case CP_US_CX_BEG:
+                return c->upstream_connect_start_ns;
+        case CP_US_CX_END:
+                return c->upstream_connect_end_ns;
+        case CP_US_HS_END:
+                return c->upstream_handshake_end_ns;
+        case CP_US_TX_BEG:
+                return c->upstream_tx_begin_ns;
+        case CP_US_TX_END:
+                return c->upstream_tx_end_ns;
+        case CP_US_RX_BEG:
+                return c->upstream_first_byte_ns;
+        case CP_US_RX_BODY_BEG:
+                return c->upstream_rx_body_begin_ns;
+        case CP_US_RX_END:
+                return c->upstream_last_byte_ns;
+        case CP_DS_TX_BEG:
+                return c->downstream_tx_begin_ns;
+        case CP_DS_TX_END:
+                return c->end_ns;
+        default:
+                return 0;
+        }
+}
+
+/* END - START in the piece's precision; negative when END is earlier (Envoy: H/2 half-close). */
+static void val_common_duration(struct val *v, const struct piece *p, const struct wp_al_ctx *c,
+                                char *scratch)
+{
+        static const uint64_t div[] = {
+                [PREC_MS] = WP_NSEC_PER_MSEC, [PREC_US] = 1000, [PREC_NS] = 1};
+        uint64_t a = common_point(c, p->cp_start), b = common_point(c, p->cp_end);
+        int l;
+
+        if (!c->req || !a || !b)
+                return; /* HTTP only */
+        l = b >= a ? snprintf(scratch, SCRATCH, "%" PRIu64, (b - a) / div[p->sub])
+                   : snprintf(scratch, SCRATCH, "-%" PRIu64, (a - b) / div[p->sub]);
+        v->kind = V_NUM;
+        v->s = scratch;
+        v->n = (size_t)l;
+}
+
+/* Uncompressed header bytes as Envoy counts them: every name and value, pseudo-headers
+ * included. */
+static uint64_t request_header_bytes(const struct wp_http_request *r)
+{
+        static const char *const pseudo[] = {":method", ":path", ":authority", ":scheme"};
+        const char *v[] = {r->method, r->path, r->authority, r->scheme};
+        uint64_t n = r->headers.bytes;
+
+        for (unsigned i = 0; i < 4; i++)
+                if (v[i] && *v[i])
+                        n += strlen(pseudo[i]) + strlen(v[i]);
+        return n;
+}
+
+static uint64_t response_header_bytes(const struct wp_http_response *r)
+{
+        return r->headers.bytes + (r->status ? strlen(":status") + 3 : 0);
+}
+
+static uint64_t wire_bytes(const struct wp_al_ctx *c, unsigned which)
+{
+        switch (which) {
+        case WB_UPSTREAM_SENT:
+                return c->upstream_wire_bytes_sent;
+        case WB_UPSTREAM_RECEIVED:
+                return c->upstream_wire_bytes_received;
+        case WB_UPSTREAM_HEADER_SENT:
+                return c->upstream_header_bytes_sent;
+        case WB_UPSTREAM_HEADER_RECEIVED:
+                return c->upstream_header_bytes_received;
+        case WB_DOWNSTREAM_SENT:
+                return c->downstream_wire_bytes_sent;
+        case WB_DOWNSTREAM_RECEIVED:
+                return c->downstream_wire_bytes_received;
+        case WB_DOWNSTREAM_HEADER_SENT:
+                return c->downstream_header_bytes_sent;
+        default:
+                return c->downstream_header_bytes_received;
+        }
+}
+
+static const char *http_version_name(enum wp_http_version v)
+{
+        return v == WP_HTTP_10 ? "HTTP/1.0" : v == WP_HTTP_11 ? "HTTP/1.1" : "HTTP/2";
+}
+
+static const struct sockaddr *addr_of(const struct wp_al_ctx *c, unsigned which)
+{
+        switch (which) {
+        case ADDR_UPSTREAM_HOST:
+                return c->upstream_host;
+        case ADDR_UPSTREAM_LOCAL:
+                return c->upstream_local;
+        case ADDR_DOWNSTREAM_LOCAL:
+                return c->downstream_local;
+        default:
+                return c->downstream_remote;
+        }
 }
 
 static const char *req_lookup(const struct wp_http_request *r, const char *name, uint32_t *ret_len)
@@ -1272,9 +1542,7 @@ static void get_value(const struct wp_al_format *f, const struct piece *p,
                 break;
         case OP_PROTOCOL:
                 if (c->req)
-                        val_str(v, c->req->version == WP_HTTP_10   ? "HTTP/1.0"
-                                   : c->req->version == WP_HTTP_11 ? "HTTP/1.1"
-                                                                   : "HTTP/2");
+                        val_str(v, http_version_name(c->req->version));
                 break;
         case OP_REQ:
         case OP_REQ_WITHOUT_QUERY:
@@ -1312,23 +1580,62 @@ static void get_value(const struct wp_al_format *f, const struct piece *p,
                         v->n = l;
                 }
                 break;
-        case OP_ADDR: {
-                const struct sockaddr *sa = NULL;
-                switch (p->sub & ~ADDR_NO_PORT) {
-                case ADDR_UPSTREAM_HOST:
-                        sa = c->upstream_host;
-                        break;
-                case ADDR_UPSTREAM_LOCAL:
-                        sa = c->upstream_local;
-                        break;
-                case ADDR_DOWNSTREAM_LOCAL:
-                        sa = c->downstream_local;
-                        break;
-                default:
-                        sa = c->downstream_remote;
-                        break;
-                }
-                fmt_addr(v, sa, p->sub & ADDR_NO_PORT, scratch);
+        case OP_ADDR:
+                fmt_addr(v, addr_of(c, p->sub & ~ADDR_NO_PORT), p->sub & ADDR_NO_PORT, scratch);
+                break;
+        case OP_PORT: {
+                const struct sockaddr *sa = addr_of(c, p->sub);
+
+                if (sa && sa->sa_family == AF_INET)
+                        val_num(v, ntohs(((const struct sockaddr_in *)sa)->sin_port), scratch);
+                else if (sa && sa->sa_family == AF_INET6)
+                        val_num(v, ntohs(((const struct sockaddr_in6 *)sa)->sin6_port), scratch);
+                break;
+        }
+        case OP_REQUEST_TX_DURATION:
+                val_ms(v, c->start_ns, c->upstream_tx_end_ns, scratch);
+                break;
+        case OP_DOWNSTREAM_HANDSHAKE_DURATION:
+                if (!c->req) /* TCP only, as Envoy */
+                        val_ms(v, c->downstream_conn_start_ns, c->downstream_handshake_end_ns,
+                               scratch);
+                break;
+        case OP_UPSTREAM_POOL_READY_DURATION:
+                val_ms(v, c->upstream_request_start_ns, c->upstream_pool_ready_ns, scratch);
+                break;
+        case OP_MISSING:
+                break;
+        case OP_COMMON_DURATION:
+                val_common_duration(v, p, c, scratch);
+                break;
+        case OP_HEADER_BYTES: /* 0 for TCP, as Envoy */
+                val_num(v,
+                        p->sub == HB_REQUEST    ? (c->req ? request_header_bytes(c->req) : 0)
+                        : p->sub == HB_RESPONSE ? (c->resp ? response_header_bytes(c->resp) : 0)
+                                                : (c->resp_trailers ? c->resp_trailers->bytes : 0),
+                        scratch);
+                break;
+        case OP_WIRE_BYTES:
+                val_num(v, wire_bytes(c, p->sub), scratch);
+                break;
+        case OP_UPSTREAM_PROTOCOL:
+                if (c->upstream_protocol)
+                        val_str(v, http_version_name(
+                                           (enum wp_http_version)(c->upstream_protocol - 1)));
+                break;
+        case OP_CONNECTION_ID:
+                if (c->connection_id)
+                        val_num(v, c->connection_id, scratch);
+                break;
+        case OP_UPSTREAM_CONNECTION_ID:
+                if (c->upstream_connection_id)
+                        val_num(v, c->upstream_connection_id, scratch);
+                break;
+        case OP_RESPONSE_FLAGS_LONG: {
+                size_t n = flags_join(c->response_flags, flag_long_names, scratch, SCRATCH);
+                v->kind = V_STR;
+                v->s = scratch;
+                v->n = n < SCRATCH ? n : SCRATCH - 1;
                 break;
         }
         case OP_UPSTREAM_CLUSTER:
@@ -1718,8 +2025,8 @@ static int build_filter(const Envoy__Config__Accesslog__V3__AccessLogFilter *fl,
                 for (size_t k = 0;
                      fl->response_flag_filter && k < fl->response_flag_filter->n_flags; k++) {
                         const char *s = fl->response_flag_filter->flags[k]
-                                            ? fl->response_flag_filter->flags[k]
-                                            : "";
+                                                ? fl->response_flag_filter->flags[k]
+                                                : "";
                         int fi = wp_al_flag_parse(s, strlen(s));
                         if (fi < 0)
                                 return fail(-EINVAL, reterr_desc,
@@ -1768,8 +2075,8 @@ static bool eval_filter(const struct fnode *v, unsigned i, const struct wp_al_ct
                 return cmp_u64(nd->op, c->response_code, nd->value);
         case F_DURATION: {
                 uint64_t ms = c->end_ns > c->start_ns && c->start_ns
-                                  ? (c->end_ns - c->start_ns) / WP_NSEC_PER_MSEC
-                                  : 0;
+                                      ? (c->end_ns - c->start_ns) / WP_NSEC_PER_MSEC
+                                      : 0;
                 return cmp_u64(nd->op, ms, nd->value);
         }
         case F_NOT_HC:
@@ -1857,12 +2164,12 @@ static int compile_sink_format(struct wp_al_logger *l, const ProtobufCMessage *m
         /* StdoutAccessLog and StderrAccessLog have the same layout. */
         const Envoy__Extensions__AccessLoggers__Stream__V3__StdoutAccessLog *so = (void *)m;
         l->sink =
-            m->descriptor ==
-                    &envoy__extensions__access_loggers__stream__v3__stdout_access_log__descriptor
-                ? WP_AL_SINK_STDOUT
-                : WP_AL_SINK_STDERR;
+                m->descriptor ==
+                                &envoy__extensions__access_loggers__stream__v3__stdout_access_log__descriptor
+                        ? WP_AL_SINK_STDOUT
+                        : WP_AL_SINK_STDERR;
         if (so->access_log_format_case ==
-                ENVOY__EXTENSIONS__ACCESS_LOGGERS__STREAM__V3__STDOUT_ACCESS_LOG__ACCESS_LOG_FORMAT_LOG_FORMAT &&
+                    ENVOY__EXTENSIONS__ACCESS_LOGGERS__STREAM__V3__STDOUT_ACCESS_LOG__ACCESS_LOG_FORMAT_LOG_FORMAT &&
             so->log_format)
                 return wp_al_format_compile_sfs(so->log_format, &l->fmt, reterr_desc);
         return default_format(&l->fmt, reterr_desc);
@@ -1878,7 +2185,7 @@ int wp_al_logger_new(const Envoy__Config__Accesslog__V3__AccessLog *al, struct w
         int r;
 
         if (al->config_type_case !=
-                ENVOY__CONFIG__ACCESSLOG__V3__ACCESS_LOG__CONFIG_TYPE_TYPED_CONFIG ||
+                    ENVOY__CONFIG__ACCESSLOG__V3__ACCESS_LOG__CONFIG_TYPE_TYPED_CONFIG ||
             !al->typed_config || !al->typed_config->type_url)
                 return fail(-EINVAL, reterr_desc, "access_log \"%.64s\" has no typed_config",
                             al->name ? al->name : "");
@@ -1886,11 +2193,9 @@ int wp_al_logger_new(const Envoy__Config__Accesslog__V3__AccessLog *al, struct w
         if (strcmp(tn, "envoy.extensions.access_loggers.file.v3.FileAccessLog") == 0)
                 desc = &envoy__extensions__access_loggers__file__v3__file_access_log__descriptor;
         else if (strcmp(tn, "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog") == 0)
-                desc =
-                    &envoy__extensions__access_loggers__stream__v3__stdout_access_log__descriptor;
+                desc = &envoy__extensions__access_loggers__stream__v3__stdout_access_log__descriptor;
         else if (strcmp(tn, "envoy.extensions.access_loggers.stream.v3.StderrAccessLog") == 0)
-                desc =
-                    &envoy__extensions__access_loggers__stream__v3__stderr_access_log__descriptor;
+                desc = &envoy__extensions__access_loggers__stream__v3__stderr_access_log__descriptor;
         else
                 return fail(-EOPNOTSUPP, reterr_desc, "unsupported access logger %.128s", tn);
 
@@ -1955,4 +2260,392 @@ ssize_t wp_al_logger_render(const struct wp_al_logger *l, const struct wp_al_ctx
                 return 0;
         }
         return wp_al_format_render(l->fmt, c, buf, cap, ret_truncated);
+}
+
+/* ---- writer: per-thread queues drained by one writer thread ---------------------------- */
+
+/*
+ * A queue is a single-producer single-consumer byte ring. Records are [u32 len][i32 fd][line],
+ * 8-byte aligned; a record never wraps (a pad record, fd -1, fills the end of the ring when
+ * the next one does not fit there). head (producer) and tail (consumer) are free-running byte
+ * counts: the producer publishes a record with a release store of head, the consumer frees
+ * space with a release store of tail. The producer never waits: when the ring has no room the
+ * line is dropped and counted.
+ *
+ * The writer thread sleeps on an eventfd when every queue is empty. Before sleeping it sets
+ * `sleeping` and looks at the queues again; a producer that published a record and then sees
+ * `sleeping` set clears it and writes the eventfd (both sides seq_cst: one of them sees the
+ * other, so no line waits for the next wake-up).
+ *
+ * Lines are written with blocking writes of whole lines, at most PIPE_BUF bytes per write
+ * unless one line is longer (so a pipe reader never sees a line torn or interleaved with
+ * another writer's data); the consumer side (writer thread, flush) runs under `drain_lock`, so
+ * the process has one writer of these lines at a time.
+ */
+
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+
+#define REC_HDR       8u
+#define AL_QUEUES_MAX 1024
+
+struct wp_al_queue {
+        struct wp_al_writer *w;
+        char *ring;
+        uint64_t size; /* power of two */
+        _Alignas(64) uint64_t head;
+        uint64_t dropped; /* written by the producer (relaxed), read by stats */
+        uint64_t queued;
+        _Alignas(64) uint64_t tail;
+};
+
+struct wp_al_writer {
+        pthread_mutex_t reg_lock; /* queues[] registration */
+        pthread_mutex_t drain_lock;
+        struct wp_al_queue *queues[AL_QUEUES_MAX];
+        unsigned n_queues; /* release store after queues[n] is set */
+        uint64_t queue_bytes;
+        int efd;
+        int sleeping;
+        bool stop;
+        bool started;
+        pthread_t thread;
+        uint64_t written, write_errors; /* consumer side, relaxed */
+        char batch[PIPE_BUF];
+};
+
+#define AL_LOAD(x)     __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define AL_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+#define AL_ADD(x, d)                                                                               \
+        __atomic_store_n(&(x), __atomic_load_n(&(x), __ATOMIC_RELAXED) + (d), __ATOMIC_RELAXED)
+
+static uint64_t rec_size(size_t len)
+{
+        return (REC_HDR + len + 7) & ~(uint64_t)7;
+}
+
+static void writer_wake(struct wp_al_writer *w)
+{
+        uint64_t one = 1;
+
+        if (__atomic_load_n(&w->sleeping, __ATOMIC_SEQ_CST) &&
+            __atomic_exchange_n(&w->sleeping, 0, __ATOMIC_SEQ_CST))
+                (void)!write(w->efd, &one, sizeof(one));
+}
+
+int wp_al_queue_push(struct wp_al_queue *q, int fd, const char *line, size_t len)
+{
+        uint64_t head = q->head, tail = AL_LOAD(q->tail), need = rec_size(len);
+        uint64_t off = head & (q->size - 1), to_end = q->size - off;
+        uint32_t hdr[2];
+
+        if (len == 0)
+                return 0;
+        if (need > q->size / 4) {
+                AL_ADD(q->dropped, 1);
+                return -EMSGSIZE;
+        }
+        if (to_end < need) { /* pad to the end of the ring, start at 0 */
+                if (q->size - (head - tail) < to_end + need) {
+                        AL_ADD(q->dropped, 1);
+                        return -ENOBUFS;
+                }
+                hdr[0] = (uint32_t)(to_end - REC_HDR);
+                hdr[1] = (uint32_t)-1;
+                memcpy(q->ring + off, hdr, REC_HDR);
+                head += to_end;
+                off = 0;
+        } else if (q->size - (head - tail) < need) {
+                AL_ADD(q->dropped, 1);
+                return -ENOBUFS;
+        }
+        hdr[0] = (uint32_t)len;
+        hdr[1] = (uint32_t)fd;
+        memcpy(q->ring + off, hdr, REC_HDR);
+        memcpy(q->ring + off + REC_HDR, line, len);
+        AL_ADD(q->queued, 1);
+        __atomic_store_n(&q->head, head + need, __ATOMIC_SEQ_CST);
+        writer_wake(q->w);
+        return 0;
+}
+
+/* Writes buf[0, len) whole to fd (blocking; waits for POLLOUT on a non-blocking fd). */
+static int write_all(int fd, const char *buf, size_t len)
+{
+        while (len) {
+                ssize_t n = write(fd, buf, len);
+
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN) {
+                                struct pollfd p = {.fd = fd, .events = POLLOUT};
+
+                                poll(&p, 1, 1000);
+                                continue;
+                        }
+                        return -errno;
+                }
+                buf += n;
+                len -= (size_t)n;
+        }
+        return 0;
+}
+
+struct batch {
+        int fd;
+        size_t len, lines;
+};
+
+static void batch_flush(struct wp_al_writer *w, struct batch *b)
+{
+        if (b->len) {
+                if (write_all(b->fd, w->batch, b->len) < 0)
+                        AL_ADD(w->write_errors, b->lines);
+                else
+                        AL_ADD(w->written, b->lines);
+        }
+        b->len = b->lines = 0;
+}
+
+/* Writes every record of q published so far. Returns how many. Under drain_lock. */
+static size_t drain_queue(struct wp_al_writer *w, struct wp_al_queue *q)
+{
+        uint64_t tail = q->tail, head = AL_LOAD(q->head);
+        struct batch b = {.fd = -1};
+        size_t n = 0;
+
+        while (tail != head) {
+                const char *rec = q->ring + (tail & (q->size - 1));
+                uint32_t hdr[2];
+
+                memcpy(hdr, rec, REC_HDR);
+                if ((int32_t)hdr[1] >= 0) {
+                        if (b.len && (b.fd != (int)hdr[1] || b.len + hdr[0] > sizeof(w->batch)))
+                                batch_flush(w, &b);
+                        if (hdr[0] > sizeof(w->batch)) { /* a long line: on its own */
+                                if (write_all((int)hdr[1], rec + REC_HDR, hdr[0]) < 0)
+                                        AL_ADD(w->write_errors, 1);
+                                else
+                                        AL_ADD(w->written, 1);
+                        } else {
+                                memcpy(w->batch + b.len, rec + REC_HDR, hdr[0]);
+                                b.fd = (int)hdr[1];
+                                b.len += hdr[0];
+                                b.lines++;
+                        }
+                        n++;
+                }
+                tail += rec_size(hdr[0]);
+                /* the line is copied or written: its space is free */
+                AL_STORE(q->tail, tail);
+        }
+        batch_flush(w, &b);
+        return n;
+}
+
+static size_t drain_all(struct wp_al_writer *w)
+{
+        unsigned i, nq = AL_LOAD(w->n_queues);
+        size_t n = 0;
+
+        for (i = 0; i < nq; i++)
+                n += drain_queue(w, w->queues[i]);
+        return n;
+}
+
+static bool any_queued(struct wp_al_writer *w)
+{
+        unsigned i, nq = AL_LOAD(w->n_queues);
+
+        for (i = 0; i < nq; i++)
+                if (__atomic_load_n(&w->queues[i]->head, __ATOMIC_SEQ_CST) !=
+                    AL_LOAD(w->queues[i]->tail))
+                        return true;
+        return false;
+}
+
+static void *writer_main(void *arg)
+{
+        struct wp_al_writer *w = arg;
+
+        for (;;) {
+                struct pollfd p = {.fd = w->efd, .events = POLLIN};
+                uint64_t v;
+                size_t n;
+
+                pthread_mutex_lock(&w->drain_lock);
+                n = drain_all(w);
+                pthread_mutex_unlock(&w->drain_lock);
+                if (n)
+                        continue;
+                if (AL_LOAD(w->stop))
+                        break;
+                __atomic_store_n(&w->sleeping, 1, __ATOMIC_SEQ_CST);
+                if (any_queued(w)) {
+                        __atomic_store_n(&w->sleeping, 0, __ATOMIC_SEQ_CST);
+                        continue;
+                }
+                poll(&p, 1, 1000);
+                (void)!read(w->efd, &v, sizeof(v));
+                __atomic_store_n(&w->sleeping, 0, __ATOMIC_SEQ_CST);
+        }
+        return NULL;
+}
+
+int wp_al_writer_new(size_t queue_bytes, struct wp_al_writer **ret)
+{
+        struct wp_al_writer *w;
+        uint64_t size = 4096;
+        int r;
+
+        if (!ret || queue_bytes > (1u << 30))
+                return -EINVAL;
+        while (size < queue_bytes)
+                size *= 2;
+        w = wp_calloc(1, sizeof(*w));
+        if (!w)
+                return -ENOMEM;
+        w->queue_bytes = size;
+        pthread_mutex_init(&w->reg_lock, NULL);
+        pthread_mutex_init(&w->drain_lock, NULL);
+        w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (w->efd < 0) {
+                r = -errno;
+                wp_free(w);
+                return r;
+        }
+        r = -pthread_create(&w->thread, NULL, writer_main, w);
+        if (r < 0) {
+                close(w->efd);
+                wp_free(w);
+                return r;
+        }
+        w->started = true;
+        *ret = w;
+        return 0;
+}
+
+int wp_al_queue_new(struct wp_al_writer *w, struct wp_al_queue **ret)
+{
+        struct wp_al_queue *q;
+        int r = 0;
+
+        if (!w || !ret)
+                return -EINVAL;
+        q = wp_calloc(1, sizeof(*q));
+        if (!q)
+                return -ENOMEM;
+        q->ring = wp_malloc(w->queue_bytes);
+        if (!q->ring) {
+                wp_free(q);
+                return -ENOMEM;
+        }
+        q->w = w;
+        q->size = w->queue_bytes;
+        pthread_mutex_lock(&w->reg_lock);
+        if (w->n_queues == AL_QUEUES_MAX) {
+                r = -ENOSPC;
+        } else {
+                w->queues[w->n_queues] = q;
+                AL_STORE(w->n_queues, w->n_queues + 1);
+        }
+        pthread_mutex_unlock(&w->reg_lock);
+        if (r < 0) {
+                wp_free(q->ring);
+                wp_free(q);
+                return r;
+        }
+        *ret = q;
+        return 0;
+}
+
+int wp_al_writer_flush(struct wp_al_writer *w, int timeout_ms)
+{
+        struct timespec ts;
+
+        if (!w)
+                return -EINVAL;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += timeout_ms / 1000;
+        ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+        }
+        if (pthread_mutex_timedlock(&w->drain_lock, &ts) != 0)
+                return -ETIMEDOUT; /* the writer thread is stuck in a write */
+        drain_all(w);
+        pthread_mutex_unlock(&w->drain_lock);
+        return 0;
+}
+
+void wp_al_writer_get_stats(struct wp_al_writer *w, struct wp_al_writer_stats *ret)
+{
+        unsigned i, nq;
+
+        memset(ret, 0, sizeof(*ret));
+        if (!w)
+                return;
+        nq = AL_LOAD(w->n_queues);
+        for (i = 0; i < nq; i++) {
+                ret->queued += __atomic_load_n(&w->queues[i]->queued, __ATOMIC_RELAXED);
+                ret->dropped += __atomic_load_n(&w->queues[i]->dropped, __ATOMIC_RELAXED);
+        }
+        ret->written = __atomic_load_n(&w->written, __ATOMIC_RELAXED);
+        ret->write_errors = __atomic_load_n(&w->write_errors, __ATOMIC_RELAXED);
+}
+
+struct wp_al_writer *wp_al_writer_free(struct wp_al_writer *w)
+{
+        uint64_t one = 1;
+        unsigned i;
+
+        if (!w)
+                return NULL;
+        AL_STORE(w->stop, true);
+        (void)!write(w->efd, &one, sizeof(one));
+        pthread_join(w->thread, NULL);
+        drain_all(w);
+        for (i = 0; i < w->n_queues; i++) {
+                wp_free(w->queues[i]->ring);
+                wp_free(w->queues[i]);
+        }
+        close(w->efd);
+        pthread_mutex_destroy(&w->reg_lock);
+        pthread_mutex_destroy(&w->drain_lock);
+        wp_free(w);
+        return NULL;
+}
+
+/* The process-wide writer: started on first use, flushed (bounded) at exit, never freed. */
+static struct wp_al_writer *default_writer;
+static pthread_once_t default_once = PTHREAD_ONCE_INIT;
+
+static void default_flush_at_exit(void)
+{
+        wp_al_writer_flush(default_writer, 1000);
+}
+
+static void default_init(void)
+{
+        struct wp_al_writer *w = NULL;
+
+        if (wp_al_writer_new(WP_AL_QUEUE_BYTES, &w) == 0) {
+                __atomic_store_n(&default_writer, w, __ATOMIC_RELEASE);
+                atexit(default_flush_at_exit);
+        }
+}
+
+struct wp_al_writer *wp_al_writer_default(void)
+{
+        pthread_once(&default_once, default_init);
+        return __atomic_load_n(&default_writer, __ATOMIC_ACQUIRE);
+}
+
+void wp_al_default_writer_stats(struct wp_al_writer_stats *ret)
+{
+        wp_al_writer_get_stats(__atomic_load_n(&default_writer, __ATOMIC_ACQUIRE), ret);
 }

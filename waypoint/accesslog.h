@@ -116,6 +116,35 @@ struct wp_al_ctx {
         unsigned n_filter_state;
         bool health_check; /* for not_health_check_filter */
         bool traceable;    /* for traceable_filter */
+
+        /* Upstream and downstream timing beyond the above (monotonic ns, 0 = did not happen),
+         * for REQUEST_TX_DURATION, UPSTREAM_CONNECTION_POOL_READY_DURATION,
+         * DOWNSTREAM_HANDSHAKE_DURATION and COMMON_DURATION(START:END:PRECISION). The
+         * COMMON_DURATION points: DS_RX_BEG start_ns, DS_RX_END request_end_ns, US_CX_BEG
+         * upstream_connect_start_ns, US_CX_END upstream_connect_end_ns, US_HS_END
+         * upstream_handshake_end_ns, US_TX_BEG upstream_tx_begin_ns, US_TX_END
+         * upstream_tx_end_ns, US_RX_BEG upstream_first_byte_ns, US_RX_BODY_BEG
+         * upstream_rx_body_begin_ns, US_RX_END upstream_last_byte_ns, DS_TX_BEG
+         * downstream_tx_begin_ns, DS_TX_END end_ns. */
+        uint64_t upstream_request_start_ns;   /* upstream request created (pool asked) */
+        uint64_t upstream_pool_ready_ns;      /* connection pool ready for it */
+        uint64_t upstream_connect_start_ns;   /* TCP connect of its upstream connection */
+        uint64_t upstream_connect_end_ns;     /* connected */
+        uint64_t upstream_handshake_end_ns;   /* TLS handshake done */
+        uint64_t upstream_tx_begin_ns;        /* first request byte sent upstream */
+        uint64_t upstream_tx_end_ns;          /* last request byte sent upstream */
+        uint64_t upstream_rx_body_begin_ns;   /* first response body byte from upstream */
+        uint64_t downstream_tx_begin_ns;      /* first response byte sent downstream */
+        uint64_t downstream_conn_start_ns;    /* downstream connection accepted */
+        uint64_t downstream_handshake_end_ns; /* its TLS handshake done (TCP logs only) */
+        /* Wire accounting (UPSTREAM_/DOWNSTREAM_WIRE_BYTES_*, *_HEADER_BYTES_*); 0 when unset. */
+        uint64_t upstream_wire_bytes_sent, upstream_wire_bytes_received;
+        uint64_t upstream_header_bytes_sent, upstream_header_bytes_received;
+        uint64_t downstream_wire_bytes_sent, downstream_wire_bytes_received;
+        uint64_t downstream_header_bytes_sent, downstream_header_bytes_received;
+        uint64_t connection_id;          /* CONNECTION_ID; 0 = missing */
+        uint64_t upstream_connection_id; /* UPSTREAM_CONNECTION_ID; 0 = missing */
+        uint8_t upstream_protocol;       /* UPSTREAM_PROTOCOL: 1 + enum wp_http_version; 0 none */
 };
 
 /* Compile flags. */
@@ -215,5 +244,49 @@ bool wp_al_logger_match(const struct wp_al_logger *l, const struct wp_al_ctx *c)
 /* wp_al_logger_match, then wp_al_format_render: 0 when filtered out, else as render. */
 ssize_t wp_al_logger_render(const struct wp_al_logger *l, const struct wp_al_ctx *c, char *buf,
                             size_t cap, bool *ret_truncated);
+
+/*
+ * Non-blocking output: a writer thread writes the lines that producer threads (workers) queue,
+ * so a stalled stdout (a full pipe) never blocks a worker. Each producer thread has its own
+ * queue (a bounded ring of WP_AL_QUEUE_BYTES by default); a line that does not fit is dropped
+ * and counted. Lines are written whole, never torn or interleaved; the lines of one queue keep
+ * their order. The writer does not own the fds: only queue lines for fds that outlive the
+ * writer (stdout, stderr).
+ */
+#define WP_AL_QUEUE_BYTES (256u * 1024u)
+
+struct wp_al_writer;
+struct wp_al_queue;
+
+/* Starts a writer (its thread) whose queues hold queue_bytes each (rounded up to a power of
+ * two, at least 4 KiB, at most 1 GiB). Returns 0, -EINVAL, -ENOMEM, or a thread error. */
+int wp_al_writer_new(size_t queue_bytes, struct wp_al_writer **ret);
+/* Stops the thread after writing what is queued, frees the writer and its queues. Producers
+ * must have stopped. NULL-safe; returns NULL. */
+struct wp_al_writer *wp_al_writer_free(struct wp_al_writer *w);
+/* The process-wide writer (started on first call; queued lines are flushed at exit(), for at
+ * most a second), or NULL when it could not be started. */
+struct wp_al_writer *wp_al_writer_default(void);
+/* A queue for the calling producer thread (one thread per queue); lives as long as w. Returns
+ * 0, -EINVAL, -ENOMEM, -ENOSPC (1024 queues). */
+int wp_al_queue_new(struct wp_al_writer *w, struct wp_al_queue **ret);
+/* Queues one whole line (len bytes, usually ending in '\n') for fd. Never blocks, never
+ * allocates. Returns 0; -ENOBUFS when the queue is full, -EMSGSIZE when the line is longer
+ * than a quarter of the queue: the line is dropped and counted. */
+int wp_al_queue_push(struct wp_al_queue *q, int fd, const char *line, size_t len);
+/* Writes what is queued now from the calling thread, waiting at most timeout_ms for the writer
+ * thread (which may be blocked on a stalled fd). Returns 0, -ETIMEDOUT, -EINVAL. */
+int wp_al_writer_flush(struct wp_al_writer *w, int timeout_ms);
+
+struct wp_al_writer_stats {
+        uint64_t queued;       /* lines accepted by wp_al_queue_push */
+        uint64_t written;      /* lines written */
+        uint64_t dropped;      /* lines refused: queue full or line too long */
+        uint64_t write_errors; /* lines lost to a failed write (EPIPE, EBADF...) */
+};
+/* Counters summed over the queues (approximate while producers run). w may be NULL (zeros). */
+void wp_al_writer_get_stats(struct wp_al_writer *w, struct wp_al_writer_stats *ret);
+/* The same for the process-wide writer, without starting it (zeros when not started). */
+void wp_al_default_writer_stats(struct wp_al_writer_stats *ret);
 
 #endif

@@ -9,7 +9,9 @@
  * most HEAD_MAX bytes and HEADERS_MAX fields (431), request bodies (Content-Length only, 501
  * for Transfer-Encoding) at most BODY_MAX bytes (413) and discarded. The whole request must
  * arrive within READ_MS (408); the response must make progress every WRITE_IDLE_MS. When every
- * slot is taken, the slowest client still sending its request is dropped for the new one. After
+ * slot is taken, the slowest client still sending its request is dropped for the new one, or
+ * else the writing client that has made no progress for the longest (at least STALL_EVICT_MS:
+ * a stalled scraper cannot keep the others out). After
  * the response the server half-closes and discards what the client still sends (lingering
  * close) so that unread request bytes do not turn the close into a reset that loses the reply.
  * Unknown method: 501; unknown path: 404; known path, wrong method: 405 with Allow. HEAD is
@@ -57,6 +59,7 @@
 #include <json-c/json.h>
 
 #include "hbone/hbone.h"
+#include "waypoint/accesslog.h"
 #include "waypoint/admin.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/log.h"
@@ -66,17 +69,18 @@
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
-#define CLIENTS_MAX   32
-#define LINE_MAX_     4096 /* request line */
-#define HEAD_MAX      8192 /* request line + header fields */
-#define HEADERS_MAX   64
-#define BODY_MAX      65536
-#define READ_MS       5000
-#define WRITE_IDLE_MS 10000
-#define LINGER_MS     1000
-#define QUERY_MAX     16
-#define STREAM_BUF    (64 * 1024) /* per client streaming a page */
-#define STREAM_ROUNDS 4           /* STREAM_BUF refills per client per poll round */
+#define CLIENTS_MAX    32
+#define LINE_MAX_      4096 /* request line */
+#define HEAD_MAX       8192 /* request line + header fields */
+#define HEADERS_MAX    64
+#define BODY_MAX       65536
+#define READ_MS        5000
+#define WRITE_IDLE_MS  10000
+#define LINGER_MS      1000
+#define STALL_EVICT_MS 500 /* a writing client without progress this long may lose its slot */
+#define QUERY_MAX      16
+#define STREAM_BUF     (64 * 1024) /* per client streaming a page */
+#define STREAM_ROUNDS  4           /* STREAM_BUF refills per client per poll round */
 
 /* /healthcheck/fail: shared by the admin and status listeners of the process */
 static _Atomic bool health_failed;
@@ -526,7 +530,8 @@ static void on_stats(struct admin *a, struct client *c, struct request *rq)
         struct {
                 char name[96];
                 uint64_t v;
-        } st[_WP_COUNTER_MAX + 3];
+        } st[_WP_COUNTER_MAX + 7];
+        struct wp_al_writer_stats al;
         size_t n = 0;
         regex_t re;
         bool use_re = filter && filter[0];
@@ -545,6 +550,17 @@ static void on_stats(struct admin *a, struct client *c, struct request *rq)
                 snprintf(st[n].name, sizeof(st[n].name), "waypoint.%s", wp_counter_names[i]);
                 st[n++].v = sum_counter(a->rt, (enum wp_counter)i);
         }
+        /* access log lines to stdout/stderr: queued per worker, written by the writer thread,
+         * dropped when a worker's queue is full (stdout not drained) */
+        wp_al_default_writer_stats(&al);
+        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.queued");
+        st[n++].v = al.queued;
+        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.written");
+        st[n++].v = al.written;
+        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.dropped");
+        st[n++].v = al.dropped;
+        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.write_errors");
+        st[n++].v = al.write_errors;
         snprintf(st[n].name, sizeof(st[n].name), "waypoint.rss_bytes");
         st[n++].v = (uint64_t)rss_bytes();
         snprintf(st[n].name, sizeof(st[n].name), "waypoint.config.chains");
@@ -1098,7 +1114,8 @@ static void client_write(struct client *c)
 static void accept_one(struct admin *a)
 {
         int fd = accept4(a->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        size_t slot = CLIENTS_MAX, victim = CLIENTS_MAX;
+        size_t slot = CLIENTS_MAX, victim = CLIENTS_MAX, stalled = CLIENTS_MAX;
+        int64_t now = now_ms();
         struct client *c;
 
         if (fd < 0)
@@ -1114,10 +1131,18 @@ static void accept_one(struct admin *a)
                 if ((o->state == C_READ || o->state == C_BODY || o->state == C_LINGER) &&
                     (victim == CLIENTS_MAX || o->started_ms < a->clients[victim]->started_ms))
                         victim = i;
+                /* the writing client whose socket has not drained for the longest (its
+                 * deadline is its last progress + WRITE_IDLE_MS), e.g. a stalled scraper */
+                if (o->state == C_WRITE &&
+                    now - (o->deadline_ms - WRITE_IDLE_MS) >= STALL_EVICT_MS &&
+                    (stalled == CLIENTS_MAX || o->deadline_ms < a->clients[stalled]->deadline_ms))
+                        stalled = i;
         }
         if (slot == CLIENTS_MAX) {
+                if (victim == CLIENTS_MAX)
+                        victim = stalled;
                 if (victim == CLIENTS_MAX) {
-                        close(fd); /* every slot is busy writing a response */
+                        close(fd); /* every slot is busy writing, all making progress */
                         return;
                 }
                 client_free(a, victim);

@@ -33,9 +33,10 @@ enum { FAM_HTTP, FAM_TCP, NFAM };
 static const uint64_t int_bounds[NBOUNDS - 1] = {1,     5,     10,     25,     50,      100,
                                                  250,   500,   1000,   2500,   5000,    10000,
                                                  30000, 60000, 300000, 600000, 1800000, 3600000};
-static const char *const le_text[NSLOTS] = {
-    "0.5",  "1",    "5",     "10",    "25",    "50",     "100",    "250",     "500",     "1000",
-    "2500", "5000", "10000", "30000", "60000", "300000", "600000", "1800000", "3600000", "+Inf"};
+static const char *const le_text[NSLOTS] = {"0.5",    "1",      "5",       "10",      "25",
+                                            "50",     "100",    "250",     "500",     "1000",
+                                            "2500",   "5000",   "10000",   "30000",   "60000",
+                                            "300000", "600000", "1800000", "3600000", "+Inf"};
 
 /* Value words of a series. HTTP: requests, then 3 histograms of NSLOTS buckets + sum. */
 enum { HIST_DURATION, HIST_REQ_BYTES, HIST_RESP_BYTES, NHIST };
@@ -47,28 +48,28 @@ enum { TV_OPENED, TV_CLOSED, TV_SENT, TV_RECEIVED, N_TCP_VALUES };
 static const unsigned n_values[NFAM] = {N_HTTP_VALUES, N_TCP_VALUES};
 
 static const char *const label_names[_WP_ML_MAX] = {
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_cluster",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
+        "source_workload",
+        "source_canonical_service",
+        "source_canonical_revision",
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "source_cluster",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_service",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_service_name",
+        "destination_service_namespace",
+        "destination_cluster",
+        "request_protocol",
+        "response_flags",
+        "connection_security_policy",
 };
 
 #define ARENA_CHUNK (64u * 1024u)
@@ -720,7 +721,7 @@ int wp_metrics_new(const struct wp_metrics_config *cfg, struct wp_metrics **ret)
         m->n_shards = cfg->n_shards;
         m->max_series = cfg->max_series ? cfg->max_series : WP_METRICS_DEFAULT_MAX_SERIES;
         m->max_value_len =
-            cfg->max_value_len ? cfg->max_value_len : WP_METRICS_DEFAULT_MAX_VALUE_LEN;
+                cfg->max_value_len ? cfg->max_value_len : WP_METRICS_DEFAULT_MAX_VALUE_LEN;
         if (getrandom(&m->seed, sizeof(m->seed), GRND_NONBLOCK) != sizeof(m->seed))
                 m->seed = (uint64_t)(uintptr_t)m ^ 0x243f6a8885a308d3ull;
         r = dup_or_default(cfg->istio_version, "unknown", &m->istio_version);
@@ -935,25 +936,25 @@ static const struct section {
         unsigned what; /* counter: value word; histogram: HIST_* */
         const char *name, *type, *help;
 } sections[] = {
-    {SEC_COUNTER, FAM_HTTP, HV_REQUESTS, "istio_requests_total", "counter",
-     "Requests handled by the waypoint."},
-    {SEC_COUNTER, FAM_TCP, TV_CLOSED, "istio_tcp_connections_closed_total", "counter",
-     "TCP connections closed."},
-    {SEC_COUNTER, FAM_TCP, TV_OPENED, "istio_tcp_connections_opened_total", "counter",
-     "TCP connections opened."},
-    {SEC_COUNTER, FAM_TCP, TV_RECEIVED, "istio_tcp_received_bytes_total", "counter",
-     "Bytes received from the downstream peer on TCP connections."},
-    {SEC_COUNTER, FAM_TCP, TV_SENT, "istio_tcp_sent_bytes_total", "counter",
-     "Bytes sent to the downstream peer on TCP connections."},
-    {SEC_OVERFLOW, 0, 0, "istio_waypoint_metrics_overflow_total", "counter",
-     "Observations dropped because the metric label-set cap was reached."},
-    {SEC_BUILD, 0, 0, "istio_build", "gauge", "Istio component build information."},
-    {SEC_HIST, FAM_HTTP, HIST_REQ_BYTES, "istio_request_bytes", "histogram",
-     "Request sizes in bytes."},
-    {SEC_HIST, FAM_HTTP, HIST_DURATION, "istio_request_duration_milliseconds", "histogram",
-     "Request durations in milliseconds."},
-    {SEC_HIST, FAM_HTTP, HIST_RESP_BYTES, "istio_response_bytes", "histogram",
-     "Response sizes in bytes."},
+        {SEC_COUNTER, FAM_HTTP, HV_REQUESTS, "istio_requests_total", "counter",
+         "Requests handled by the waypoint."},
+        {SEC_COUNTER, FAM_TCP, TV_CLOSED, "istio_tcp_connections_closed_total", "counter",
+         "TCP connections closed."},
+        {SEC_COUNTER, FAM_TCP, TV_OPENED, "istio_tcp_connections_opened_total", "counter",
+         "TCP connections opened."},
+        {SEC_COUNTER, FAM_TCP, TV_RECEIVED, "istio_tcp_received_bytes_total", "counter",
+         "Bytes received from the downstream peer on TCP connections."},
+        {SEC_COUNTER, FAM_TCP, TV_SENT, "istio_tcp_sent_bytes_total", "counter",
+         "Bytes sent to the downstream peer on TCP connections."},
+        {SEC_OVERFLOW, 0, 0, "istio_waypoint_metrics_overflow_total", "counter",
+         "Observations dropped because the metric label-set cap was reached."},
+        {SEC_BUILD, 0, 0, "istio_build", "gauge", "Istio component build information."},
+        {SEC_HIST, FAM_HTTP, HIST_REQ_BYTES, "istio_request_bytes", "histogram",
+         "Request sizes in bytes."},
+        {SEC_HIST, FAM_HTTP, HIST_DURATION, "istio_request_duration_milliseconds", "histogram",
+         "Request durations in milliseconds."},
+        {SEC_HIST, FAM_HTTP, HIST_RESP_BYTES, "istio_response_bytes", "histogram",
+         "Response sizes in bytes."},
 };
 
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
@@ -1369,16 +1370,16 @@ int wp_metrics_labels_source_from_baggage(struct wp_metrics_labels *l, const cha
                 const char *key;
                 enum wp_metrics_label label;
         } map[] = {
-            {"k8s.namespace.name", WP_ML_SOURCE_WORKLOAD_NAMESPACE},
-            {"k8s.cluster.name", WP_ML_SOURCE_CLUSTER},
-            {"service.name", WP_ML_SOURCE_CANONICAL_SERVICE},
-            {"service.version", WP_ML_SOURCE_CANONICAL_REVISION},
-            {"app.name", WP_ML_SOURCE_APP},
-            {"app.version", WP_ML_SOURCE_VERSION},
-            {"k8s.deployment.name", WP_ML_SOURCE_WORKLOAD},
-            {"k8s.pod.name", WP_ML_SOURCE_WORKLOAD},
-            {"k8s.job.name", WP_ML_SOURCE_WORKLOAD},
-            {"k8s.cronjob.name", WP_ML_SOURCE_WORKLOAD},
+                {"k8s.namespace.name", WP_ML_SOURCE_WORKLOAD_NAMESPACE},
+                {"k8s.cluster.name", WP_ML_SOURCE_CLUSTER},
+                {"service.name", WP_ML_SOURCE_CANONICAL_SERVICE},
+                {"service.version", WP_ML_SOURCE_CANONICAL_REVISION},
+                {"app.name", WP_ML_SOURCE_APP},
+                {"app.version", WP_ML_SOURCE_VERSION},
+                {"k8s.deployment.name", WP_ML_SOURCE_WORKLOAD},
+                {"k8s.pod.name", WP_ML_SOURCE_WORKLOAD},
+                {"k8s.job.name", WP_ML_SOURCE_WORKLOAD},
+                {"k8s.cronjob.name", WP_ML_SOURCE_WORKLOAD},
         };
         bool set[_WP_ML_MAX] = {false};
         const char *p, *end;

@@ -121,6 +121,8 @@ struct wp_worker {
         struct wp_timer drain_timer;
         struct wp_metrics_shard *mshard; /* this worker's metrics shard (plain stores) */
         char al_buf[16384];              /* one access log line being written */
+        struct wp_al_queue *alq;         /* stdout/stderr access log lines, to the writer */
+        bool alq_failed;                 /* no writer queue: write(2) directly */
 };
 
 static void cnt_add(struct wp_worker *w, enum wp_counter c, int64_t d)
@@ -255,10 +257,20 @@ void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const 
         if (!ch)
                 return;
         for (size_t i = 0; i < ch->nlogs; i++) {
+                int fd = ch->logs[i].fd;
                 ssize_t n = wp_al_logger_render(ch->logs[i].logger, c, w->al_buf, sizeof(w->al_buf),
                                                 NULL);
 
-                if (n > 0 && write(ch->logs[i].fd, w->al_buf, (size_t)n) < 0)
+                if (n <= 0)
+                        continue;
+                /* stdout/stderr may be a pipe nobody drains: queue the line for the writer
+                 * thread (dropped and counted when the queue is full), never block here.
+                 * Files (their fds close with the snapshot) are still written directly. */
+                if ((fd == STDOUT_FILENO || fd == STDERR_FILENO) && !w->alq && !w->alq_failed)
+                        w->alq_failed = wp_al_queue_new(wp_al_writer_default(), &w->alq) < 0;
+                if ((fd == STDOUT_FILENO || fd == STDERR_FILENO) && w->alq)
+                        wp_al_queue_push(w->alq, fd, w->al_buf, (size_t)n);
+                else if (write(fd, w->al_buf, (size_t)n) < 0)
                         wp_debug("accesslog", "write: %s", strerror(errno));
         }
 }

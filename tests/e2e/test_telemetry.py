@@ -8,6 +8,10 @@ allowed requests, M denied ones and K TCP tunnels, /stats/prometheus (parsed wit
 prometheus_client) shows istio_requests_total per response code with the expected labels, a well
 formed duration histogram and K TCP connections; the waypoint's stdout holds one access log line
 per request and per tunnel with the expected fields.
+
+StalledStdoutTest: a waypoint whose stdout is a pipe nobody reads logs every tunnel: traffic goes
+on, the lines that do not fit are dropped and counted in /stats (waypoint.access_log.*), and
+once the pipe is read every line that was written is whole.
 """
 
 import asyncio
@@ -16,14 +20,16 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
+import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hbonelib  # noqa: E402
 from hbonelib import (CLIENT_ID, T_LISTENER, Endpoint, Service, Waypoint, block_for,  # noqa: E402
-                      make_config)
+                      client_ssl_context, make_config, server_ssl_context, split_addr)
 from l7lib import H1, HttpBackend, http_chain, with_http_chains  # noqa: E402
 
 try:
@@ -76,7 +82,15 @@ def workload(ip, name, ns, sa, canonical, rev='v1'):
         'cluster_id': 'Kubernetes'}}
 
 
-class TelemetryTest(hbonelib.AsyncTestCase):
+class BlockTest(hbonelib.AsyncTestCase):
+    """A test class on its own 127.x.y.0/24 block (cls.block, set in setUpClass)."""
+
+    @classmethod
+    def ip(cls, host):
+        return '%s.%d' % (cls.block, host)
+
+
+class TelemetryTest(BlockTest):
 
     @classmethod
     def setUpClass(cls):
@@ -111,10 +125,6 @@ class TelemetryTest(hbonelib.AsyncTestCase):
         cls.wp = Waypoint(ip(1), cfg, name=cls.__name__,
                           extra_args=['--prometheus-address', cls.prom_addr])
         cls.wp.start()
-
-    @classmethod
-    def ip(cls, host):
-        return '%s.%d' % (cls.block, host)
 
     @classmethod
     def tearDownClass(cls):
@@ -209,9 +219,16 @@ class TelemetryTest(hbonelib.AsyncTestCase):
                if s.labels.get('destination_service') == self.tcp.host]
         self.assertEqual([s.value for s in tcp], [K], fams['istio_tcp_connections_opened'].samples)
 
-        # --- access logs (the waypoint's stdout)
-        text = self.wp.log_text()
-        jl = [json.loads(line) for line in text.splitlines() if line.startswith('{')]
+        # --- access logs (the waypoint's stdout, written by its access-log writer thread)
+        deadline = time.monotonic() + 5
+        while True:
+            text = self.wp.log_text()
+            jl = [json.loads(line) for line in text.splitlines() if line.startswith('{')]
+            tl = [line for line in text.splitlines()
+                  if line.startswith('[') and self.tcp.cluster in line]
+            if (len(jl), len(tl)) == (N + M, K) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         self.assertEqual(len(jl), N + M, text[-3000:])
         allowed = [e for e in jl if e['response_code'] == 200]
         rejected = [e for e in jl if e['response_code'] == 403]
@@ -238,8 +255,6 @@ class TelemetryTest(hbonelib.AsyncTestCase):
                 'rbac_access_denied_matched_policy['), e)
             self.assertIsNone(e['upstream_host'], e)
             self.assertEqual(e['bytes_sent'], len(b'RBAC: access denied'), e)
-        tl = [line for line in text.splitlines()
-              if line.startswith('[') and self.tcp.cluster in line]
         self.assertEqual(len(tl), K, text[-3000:])
         pat = re.compile(r'^\[\d{4}-\d\d-\d\dT[0-9:.]+Z\] "- - -" 0 - - - "-" (\d+) (\d+) (\d+) '
                          r'- "-" "-" "-" "-" "([^"]+)" (\S+) - (\S+) (\S+) - -$')
@@ -251,6 +266,150 @@ class TelemetryTest(hbonelib.AsyncTestCase):
             self.assertEqual(m.group(5), self.tcp.cluster, line)
             self.assertEqual(m.group(6), self.tcp.authority, line)
             self.assertTrue(m.group(7).startswith(self.ip(2) + ':'), line)
+
+
+class PipedWaypoint(Waypoint):
+    """A waypoint whose stdout is a pipe (self.stdout_r, non-blocking) that the test reads, or
+    not; stderr goes to the log file."""
+
+    def start(self, timeout=20):
+        argv = self.argv()
+        self.log = open(self.log_path, 'wb')
+        self.stdout_r, w = os.pipe()
+        os.set_blocking(self.stdout_r, False)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=w, stderr=self.log)
+        os.close(w)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError('waypoint exited during startup\n' + self.tail())
+            try:
+                if self.admin_get('/ready', timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError('waypoint not ready\n' + self.tail())
+
+    def stats(self):
+        status, body = self.admin_get('/stats?filter=access_log')
+        assert status == 200, (status, body)
+        return {k: int(v) for k, v in (line.split(': ') for line in body.decode().splitlines())}
+
+    def read_stdout(self):
+        out = b''
+        while True:
+            try:
+                chunk = os.read(self.stdout_r, 1 << 20)
+            except BlockingIOError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+
+class StalledStdoutTest(BlockTest):
+    TUNNELS = 5000  # ~350-byte lines: far more than the pipe plus the workers' queues hold
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.block = block_for(cls.__module__ + '.' + cls.__name__)
+        ip = cls.ip
+        cls.svc = Service('logged', ip(100), 9000, [Endpoint(ip(11), 9000, True)])
+        cfg = make_config(ip(1), [cls.svc])
+        for fc in cfg['resources'][T_LISTENER]['main_internal']['filter_chains']:
+            if fc['name'] == cls.svc.cluster:
+                fc['filters'][-1]['typed_config']['access_log'] = [
+                    file_log({'text_format_source': {'inline_string': ISTIO_TEXT}})]
+        cls.wp = PipedWaypoint(ip(1), cfg, name=cls.__name__,
+                               extra_args=['--concurrency', '2'])
+        cls.wp.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.wp.stop(check=True)
+        os.close(cls.wp.stdout_r)
+
+    async def test_stalled_stdout_drops_counted_traffic_flows_lines_whole(self):
+        from test_cardinality import Source, Stand
+        loop = asyncio.get_running_loop()
+        counts = {'connects': 0}
+        server = await loop.create_server(lambda: Stand(counts), self.ip(11), 15008,
+                                          ssl=server_ssl_context(cert='dest'),
+                                          reuse_address=True)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        self.addCleanup(lambda: [t.close() for t in counts.get('transports', [])])
+        names = (b'w-%05d' % i for i in range(self.TUNNELS))
+        protos = []
+        t0 = time.monotonic()
+        for _ in range(2):
+            done = loop.create_future()
+            _, p = await loop.create_connection(
+                lambda d=done: Source(self.svc.authority, names, d, window=100),
+                *split_addr(self.wp.hbone_addr), ssl=client_ssl_context(),
+                local_addr=(self.ip(2), 0), server_hostname=None)
+            protos.append((p, done))
+        # nobody reads stdout meanwhile: the tunnels must not wait for it
+        await asyncio.wait_for(asyncio.gather(*(d for _, d in protos)), 60)
+        elapsed = time.monotonic() - t0
+        self.assertEqual(sum(p.ok for p, _ in protos), self.TUNNELS)
+        for p, _ in protos:
+            p.transport.close()
+        deadline = time.monotonic() + 10
+        while True:  # the last tunnels' lines are logged when they close
+            st = self.wp.stats()
+            if st['waypoint.access_log.queued'] + st['waypoint.access_log.dropped'] >= \
+                    self.TUNNELS or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        sys.stderr.write('\n  %d tunnels in %.1f s with stdout stalled: %r\n' %
+                         (self.TUNNELS, elapsed, st))
+        self.assertEqual(st['waypoint.access_log.queued'] + st['waypoint.access_log.dropped'],
+                         self.TUNNELS)
+        self.assertGreater(st['waypoint.access_log.dropped'], self.TUNNELS // 4)
+        self.assertLess(st['waypoint.access_log.written'], st['waypoint.access_log.queued'])
+
+        # read the pipe: what was queued is written, line by line, each whole
+        out = b''
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out += self.wp.read_stdout()
+            st = self.wp.stats()
+            if st['waypoint.access_log.written'] == st['waypoint.access_log.queued']:
+                out += self.wp.read_stdout()
+                if out.count(b'\n') == st['waypoint.access_log.written']:
+                    break
+            await asyncio.sleep(0.05)
+        self.assertEqual(st['waypoint.access_log.write_errors'], 0)
+        # bounded: what was accepted fit in the 2 workers' queues (256 KiB each), the pipe
+        # (64 KiB) and the writer's batch
+        self.assertLessEqual(len(out), 2 * 256 * 1024 + 64 * 1024 + 4096)
+        lines = out.decode().split('\n')
+        self.assertEqual(lines[-1], '')
+        lines = lines[:-1]
+        self.assertEqual(len(lines), st['waypoint.access_log.queued'])
+        pat = re.compile(r'^\[\d{4}-\d\d-\d\dT[0-9:.]+Z\] "- - -" 0 - - - "-" 0 0 \d+ '
+                         r'- "-" "-" "-" "-" "([^"]+)" (\S+) - (\S+) (\S+) - -$')
+        for line in lines:
+            m = pat.match(line)
+            self.assertIsNotNone(m, line)
+            self.assertEqual(m.group(2), self.svc.cluster, line)
+        # the pipe drained, new lines go through again
+        before = st['waypoint.access_log.written']
+        done = loop.create_future()
+        _, p = await loop.create_connection(
+            lambda: Source(self.svc.authority, iter([b'late']), done, window=1),
+            *split_addr(self.wp.hbone_addr), ssl=client_ssl_context(),
+            local_addr=(self.ip(2), 0), server_hostname=None)
+        await asyncio.wait_for(done, 10)
+        p.transport.close()
+        deadline = time.monotonic() + 5
+        while self.wp.stats()['waypoint.access_log.written'] == before and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.assertTrue(pat.match(self.wp.read_stdout().decode().rstrip('\n')))
 
 
 if __name__ == '__main__':

@@ -34,20 +34,20 @@ static inline uint64_t fixture_fnv1a(const char *p, size_t n)
 static inline struct wp_metrics *fixture_new(void)
 {
         struct wp_metrics_config cfg = {
-            .n_shards = 3,
-            .max_series = 7,
-            .max_value_len = 32,
-            .istio_version = "1.24.0-\"q\"\\",
-            .local_namespace = "default",
-            .local_cluster = "Kubernetes",
+                .n_shards = 3,
+                .max_series = 7,
+                .max_value_len = 32,
+                .istio_version = "1.24.0-\"q\"\\",
+                .local_namespace = "default",
+                .local_cluster = "Kubernetes",
         };
         static const char *const wl[] = {
-            "productpage-v1",
-            "quote\"back\\slash",
-            "new\nline",
-            "bad-\xff\xfe-utf8",
-            "a-very-long-workload-name-that-is-cut-at-32-bytes",
-            "z-\xc3\xa9t\xc3\xa9",
+                "productpage-v1",
+                "quote\"back\\slash",
+                "new\nline",
+                "bad-\xff\xfe-utf8",
+                "a-very-long-workload-name-that-is-cut-at-32-bytes",
+                "z-\xc3\xa9t\xc3\xa9",
         };
         static const unsigned codes[] = {200, 503, 0};
         static const uint64_t durs[] = {0, 1, 7, 26, 999, 3600001, 42};
@@ -59,11 +59,11 @@ static inline struct wp_metrics *fixture_new(void)
         for (i = 0; i < 40; i++) {
                 struct wp_metrics_labels l;
                 struct wp_metrics_http o = {
-                    .response_code = codes[i % 3 == 2 ? 1 : 0],
-                    .grpc_status = i % 5 == 0 ? 14 : -1,
-                    .duration_ms = durs[i % 7],
-                    .request_bytes = 100u * i,
-                    .response_bytes = i * i * 37u,
+                        .response_code = codes[i % 3 == 2 ? 1 : 0],
+                        .grpc_status = i % 5 == 0 ? 14 : -1,
+                        .duration_ms = durs[i % 7],
+                        .request_bytes = 100u * i,
+                        .response_bytes = i * i * 37u,
                 };
                 struct wp_metrics_tcp *t;
 

@@ -48,11 +48,11 @@ static void labels_a(struct wp_metrics_labels *l)
 static struct wp_metrics *new_registry(unsigned shards, uint32_t max_series)
 {
         struct wp_metrics_config cfg = {
-            .n_shards = shards,
-            .max_series = max_series,
-            .istio_version = "1.24.0",
-            .local_namespace = "default",
-            .local_cluster = "Kubernetes",
+                .n_shards = shards,
+                .max_series = max_series,
+                .istio_version = "1.24.0",
+                .local_namespace = "default",
+                .local_cluster = "Kubernetes",
         };
         struct wp_metrics *m = NULL;
 
@@ -233,20 +233,21 @@ static void test_http_counts_and_exact_label_line(void)
         REQUIRE(page);
         /* the exact label order of istio_stats.cc for a waypoint (ServerGateway) */
         CHECK(strstr(
-            page, "istio_requests_total{reporter=\"waypoint\",source_workload=\"productpage-v1\","
-                  "source_canonical_service=\"productpage\",source_canonical_revision=\"v1\","
-                  "source_workload_namespace=\"default\",source_principal=\"spiffe://"
-                  "cluster.local/ns/default/sa/bookinfo-productpage\",source_app=\"unknown\","
-                  "source_version=\"unknown\",source_cluster=\"Kubernetes\","
-                  "destination_workload=\"reviews-v1\",destination_workload_namespace=\"default\","
-                  "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-"
-                  "reviews\",destination_app=\"unknown\",destination_version=\"unknown\","
-                  "destination_service=\"reviews.default.svc.cluster.local\","
-                  "destination_canonical_service=\"reviews\",destination_canonical_revision="
-                  "\"v1\",destination_service_name=\"reviews\",destination_service_namespace="
-                  "\"default\",destination_cluster=\"Kubernetes\",request_protocol=\"http\","
-                  "response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\","
-                  "connection_security_policy=\"mutual_tls\"} 3\n"));
+                page,
+                "istio_requests_total{reporter=\"waypoint\",source_workload=\"productpage-v1\","
+                "source_canonical_service=\"productpage\",source_canonical_revision=\"v1\","
+                "source_workload_namespace=\"default\",source_principal=\"spiffe://"
+                "cluster.local/ns/default/sa/bookinfo-productpage\",source_app=\"unknown\","
+                "source_version=\"unknown\",source_cluster=\"Kubernetes\","
+                "destination_workload=\"reviews-v1\",destination_workload_namespace=\"default\","
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-"
+                "reviews\",destination_app=\"unknown\",destination_version=\"unknown\","
+                "destination_service=\"reviews.default.svc.cluster.local\","
+                "destination_canonical_service=\"reviews\",destination_canonical_revision="
+                "\"v1\",destination_service_name=\"reviews\",destination_service_namespace="
+                "\"default\",destination_cluster=\"Kubernetes\",request_protocol=\"http\","
+                "response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\","
+                "connection_security_policy=\"mutual_tls\"} 3\n"));
         CHECK(strstr(page, "# TYPE istio_requests_total counter\n"));
         CHECK(strstr(page, "# TYPE istio_request_duration_milliseconds histogram\n"));
         CHECK(strstr(page, "# TYPE istio_build gauge\n"));
@@ -358,7 +359,7 @@ static void test_histogram_buckets_cumulative_with_sum_and_count(void)
 static void test_label_values_escaped_and_utf8_repaired(void)
 {
         struct wp_metrics_config cfg = {
-            .n_shards = 1, .max_value_len = 16, .istio_version = "1.2\"3"};
+                .n_shards = 1, .max_value_len = 16, .istio_version = "1.2\"3"};
         struct wp_metrics *m = NULL;
         struct wp_metrics_labels l = {0};
         struct wp_metrics_http o = {.response_code = 200, .grpc_status = -1};
@@ -475,7 +476,7 @@ static void test_whole_page_parsed_by_prometheus_client(void)
                 dur_sum[w][c] += i % 1000;
                 if (i % 10 == 0) {
                         struct wp_metrics_tcp *t =
-                            wp_metrics_tcp_open(wp_metrics_shard(m, i % 3), &l);
+                                wp_metrics_tcp_open(wp_metrics_shard(m, i % 3), &l);
 
                         wp_metrics_tcp_bytes(t, 5, 7);
                         wp_metrics_tcp_close(t);
@@ -499,8 +500,13 @@ static void test_whole_page_parsed_by_prometheus_client(void)
                 for (c = 0; c < 3; c++) {
                         char code[8];
                         const char *kv[] = {"source_workload", wl[w], "response_code", code, NULL};
-                        const char *kvi[] = {
-                            "source_workload", wl[w], "response_code", code, "le", "+Inf", NULL};
+                        const char *kvi[] = {"source_workload",
+                                             wl[w],
+                                             "response_code",
+                                             code,
+                                             "le",
+                                             "+Inf",
+                                             NULL};
 
                         snprintf(code, sizeof(code), "%u", codes[c]);
                         CHECK(sample(root, "istio_requests_total", kv) == expect[w][c]);
