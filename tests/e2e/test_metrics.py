@@ -141,8 +141,8 @@ class MetricsTest(WaypointTestCase):
 
     async def test_page_streamed_chunked_or_close_delimited(self):
         """HTTP/1.1 gets a chunked page, HTTP/1.0 the same bytes delimited by the close, HEAD
-        the head only; both parse."""
-        for addr in (self.prom_addr, self.metrics_addr):
+        the head only; both parse. On :15090, :15020 and the admin listener."""
+        for addr in (self.prom_addr, self.metrics_addr, self.wp.admin_addr):
             head11, body11 = await asyncio.to_thread(
                 self.raw_get, addr, b'GET /stats/prometheus HTTP/1.1\r\nHost: x\r\n\r\n')
             head10, body10 = await asyncio.to_thread(
