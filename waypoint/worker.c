@@ -94,8 +94,11 @@ struct tunnel {
         const struct wp_chain *chainp; /* the chain serving it (snapshot-owned), or NULL */
         struct sockaddr_storage dst;   /* the tunnel's target */
         int64_t start_unix_ns;
-        uint64_t al_flags;      /* WP_AL_F(...) */
-        const char *al_details; /* static */
+        uint64_t conn_id, up_conn_id; /* downstream / upstream HBONE connection ids (0: none) */
+        uint64_t up_start_ns;         /* upstream asked for (pool or TCP connect) */
+        uint64_t up_ready_ns;         /* upstream established, 200 sent downstream */
+        uint64_t al_flags;            /* WP_AL_F(...) */
+        const char *al_details;       /* static */
 };
 
 struct wp_worker {
@@ -323,6 +326,13 @@ static void tunnel_access_log(struct tunnel *t, struct hbone_relay *r)
                 .downstream_remote = (const struct sockaddr *)&t->src,
                 .filter_state = &fs,
                 .n_filter_state = 1,
+                .connection_id = t->conn_id,
+                .upstream_connection_id = t->up_conn_id,
+                .upstream_request_start_ns = t->up_start_ns,
+                .upstream_pool_ready_ns = t->up_ready_ns,
+                /* a tunnel's upstream carries its payload as is (HBONE DATA or TCP) */
+                .upstream_wire_bytes_sent = hbone_relay_bytes_sent_up(r),
+                .upstream_wire_bytes_received = hbone_relay_bytes_sent_down(r),
         };
 
         if (!t->chainp || !t->chainp->nlogs)
@@ -343,6 +353,7 @@ static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, 
         struct tunnel *t = user;
 
         if (res == HBONE_RELAY_OK) {
+                t->up_ready_ns = wp_now_ns();
                 cnt_add(t->w, WP_C_TUNNELS_ESTABLISHED, 1);
                 tunnel_metrics_open(t);
                 char peer[WP_AUTHORITY_MAX];
@@ -480,6 +491,8 @@ static void tunnel_open_on(struct tunnel *t, struct pool_conn *pc)
         }
         if (r < 0)
                 hbone_relay_fail(t->relay, 502, "upstream_refused");
+        else
+                t->up_conn_id = hbone_conn_id(pc->conn);
 }
 
 static void pool_idle_fire(struct wp_timer *tm)
@@ -764,6 +777,7 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         wp_list_init(&t->wait_link);
         snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
         t->src = *hbone_conn_peer_addr(conn);
+        t->conn_id = hbone_conn_id(conn);
         if (tunnel_set_source(t, hbone_conn_peer_uri(conn), req->baggage) < 0) {
                 wp_free(t);
                 return -ENOMEM;
@@ -837,6 +851,7 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 hbone_relay_fail(t->relay, 503, "no_healthy_endpoint");
                 return 0;
         }
+        t->up_start_ns = wp_now_ns();
         if (t->ep->hbone) {
                 pool_attach(w, t);
         } else {

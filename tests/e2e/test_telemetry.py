@@ -54,6 +54,10 @@ ISTIO_TEXT = (
     '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
     '%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% '
     '%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
+# connection ids, upstream wire bytes and pool-ready time of L4 tunnels
+TCP_IDS = ('WPTCP conn=%CONNECTION_ID% up=%UPSTREAM_CONNECTION_ID% '
+           'usent=%UPSTREAM_WIRE_BYTES_SENT% urecv=%UPSTREAM_WIRE_BYTES_RECEIVED% '
+           'ready=%UPSTREAM_CONNECTION_POOL_READY_DURATION%\n')
 JSON_FORMAT = {
     'start_time': '%START_TIME%', 'method': '%REQ(:METHOD)%',
     'path': '%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%', 'protocol': '%PROTOCOL%',
@@ -115,7 +119,8 @@ class TelemetryTest(BlockTest):
         for fc in cfg['resources'][T_LISTENER]['main_internal']['filter_chains']:
             if fc['name'] == cls.tcp.cluster:
                 fc['filters'][-1]['typed_config']['access_log'] = [
-                    file_log({'text_format_source': {'inline_string': ISTIO_TEXT}})]
+                    file_log({'text_format_source': {'inline_string': ISTIO_TEXT}}),
+                    file_log({'text_format_source': {'inline_string': TCP_IDS}})]
         cfg['resources'][T_ADDRESS] = dict([
             workload(ip(2), 'sleep', 'default', 'sleep', 'sleep'),
             workload(ip(WEB_POD), 'web-v1', 'bookinfo', 'web', 'web'),
@@ -266,6 +271,17 @@ class TelemetryTest(BlockTest):
             self.assertEqual(m.group(5), self.tcp.cluster, line)
             self.assertEqual(m.group(6), self.tcp.authority, line)
             self.assertTrue(m.group(7).startswith(self.ip(2) + ':'), line)
+        ids = [re.match(r'^WPTCP conn=(\d+) up=(\d+) usent=(\d+) urecv=(\d+) ready=(\d+)$', line)
+               for line in text.splitlines() if line.startswith('WPTCP')]
+        self.assertEqual(len(ids), K, text[-3000:])
+        self.assertTrue(all(ids), text[-3000:])
+        # all K tunnels came on one client connection and left on one pooled upstream one
+        self.assertEqual(len({m.group(1) for m in ids}), 1, ids)
+        self.assertEqual(len({m.group(2) for m in ids}), 1, ids)
+        self.assertNotEqual(ids[0].group(1), ids[0].group(2))
+        for m in ids:
+            self.assertEqual((int(m.group(3)), int(m.group(4))), (PAYLOAD, PAYLOAD), m.group(0))
+            self.assertLess(int(m.group(5)), 5000, m.group(0))
 
 
 class PipedWaypoint(Waypoint):
