@@ -815,28 +815,34 @@ static uint32_t grpc_message(char *out, size_t cap, const char *msg)
         return (uint32_t)n;
 }
 
-/* The local reply of a request on an inner HTTP/2 stream; a gRPC request gets a gRPC-shaped one
- * (200, trailers-only with grpc-status and grpc-message). */
+/* A local reply to a gRPC request is gRPC-shaped, as Envoy's: 200, no body, grpc-status (from the
+ * HTTP status) and grpc-message (the body) as headers (trailers-only in HTTP/2). code and msg
+ * hold the values until the reply is written. */
+static int grpc_shape(struct l7t *t, struct wp_http_response *resp, const char *body, size_t blen,
+                      char code[8], char *msg, size_t cap)
+{
+        int r = 0;
+
+        snprintf(code, 8, "%u", grpc_status_of(resp->status));
+        wp_headers_remove(&resp->headers, "content-type");
+        resp->status = 200;
+        resp->content_length = t->mode == M_H2STREAM ? -1 : 0;
+        t->status = 200;
+        r |= wp_headers_add(&resp->headers, "content-type", 12, "application/grpc", 16);
+        r |= wp_headers_add(&resp->headers, "grpc-status", 11, code, (uint32_t)strlen(code));
+        if (blen)
+                r |= wp_headers_add(&resp->headers, "grpc-message", 12, msg,
+                                    grpc_message(msg, cap, body));
+        return r;
+}
+
+/* The local reply of a request on an inner HTTP/2 stream. */
 static void t_local_reply_h2(struct l7t *t, struct wp_http_response *resp, const char *body,
                              size_t blen, int r)
 {
         struct wp_h2 *h2 = t->h2c ? t->h2c->h2 : NULL;
-        char code[8], msg[512];
-        bool headers_only = t->grpc || !blen || t->is_head;
+        bool headers_only = !blen || t->is_head;
 
-        if (t->grpc) {
-                snprintf(code, sizeof(code), "%u", grpc_status_of(resp->status));
-                wp_headers_remove(&resp->headers, "content-type");
-                resp->status = 200;
-                resp->content_length = -1;
-                t->status = 200;
-                r |= wp_headers_add(&resp->headers, "content-type", 12, "application/grpc", 16);
-                r |= wp_headers_add(&resp->headers, "grpc-status", 11, code,
-                                    (uint32_t)strlen(code));
-                if (blen)
-                        r |= wp_headers_add(&resp->headers, "grpc-message", 12, msg,
-                                            grpc_message(msg, sizeof(msg), body));
-        }
         if (r == 0 && h2) {
                 r = wp_h2_respond(h2, t->sid, resp, headers_only);
                 if (r == 0 && !headers_only) {
@@ -867,6 +873,7 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
 {
         struct wp_http_response resp = {.status = status, .version = WP_HTTP_11};
         size_t blen = body ? strlen(body) : 0;
+        char gcode[8], gmsg[512];
         int r = 0;
 
         if (t->mode == M_SHADOW) {
@@ -888,6 +895,11 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
         if (t->res.action != WP_ROUTE_ACTION_NONE && t->res.n_response_ops)
                 r |= wp_route_headers_apply(t->res.response_ops, t->res.n_response_ops,
                                             &resp.headers);
+        if (t->grpc && t->have_head) {
+                r |= grpc_shape(t, &resp, body, blen, gcode, gmsg, sizeof(gmsg));
+                body = NULL;
+                blen = 0;
+        }
         if (t->mode == M_H2STREAM) {
                 wp_debug("l7", "[T%lu/%d] local reply %u (%s)", (unsigned long)t->id, t->sid,
                          status, flag ? flag : "-");
@@ -1789,6 +1801,44 @@ static const char *route_str(char *dst, size_t cap, const char *s, uint32_t len)
         return dst;
 }
 
+/* The timeout of a gRPC request on a route with max_grpc_timeout (or max_stream_duration's
+ * grpc_timeout_header_max), as Envoy computes it: the grpc-timeout header ("1*8DIGIT unit",
+ * H M S m u n; absent or invalid: none) less the offset, capped by the maximum (0: no cap).
+ * 0: no timeout. */
+static uint64_t grpc_timeout(const struct l7t *t, const struct wp_headers *hs)
+{
+        static const struct {
+                char unit;
+                uint64_t ns;
+        } units[] = {{'H', 3600 * WP_NSEC_PER_SEC},
+                     {'M', 60 * WP_NSEC_PER_SEC},
+                     {'S', WP_NSEC_PER_SEC},
+                     {'m', WP_NSEC_PER_MSEC},
+                     {'u', 1000},
+                     {'n', 1}};
+        uint32_t n;
+        const char *v = wp_headers_get(hs, "grpc-timeout", &n);
+        uint64_t num = 0, ms = 0, max = t->res.max_grpc_timeout_ms;
+
+        if (v && n >= 2 && n <= 9) {
+                uint32_t i;
+
+                for (i = 0; i + 1 < n && v[i] >= '0' && v[i] <= '9'; i++)
+                        num = num * 10 + (uint64_t)(v[i] - '0');
+                for (size_t u = 0; i == n - 1 && u < sizeof(units) / sizeof(units[0]); u++)
+                        if (units[u].unit == v[i]) /* sub-millisecond units round up */
+                                ms = units[u].ns >= WP_NSEC_PER_MSEC
+                                             ? num * (units[u].ns / WP_NSEC_PER_MSEC)
+                                             : (num * units[u].ns + WP_NSEC_PER_MSEC - 1) /
+                                                       WP_NSEC_PER_MSEC;
+        }
+        if (t->res.grpc_timeout_offset_ms < ms)
+                ms -= t->res.grpc_timeout_offset_ms;
+        if (max && (!ms || ms > max))
+                ms = max;
+        return ms;
+}
+
 /* TE lists "trailers" (the only TE an HTTP/2 request may carry). */
 static bool te_has_trailers(const struct wp_headers *hs)
 {
@@ -2010,6 +2060,7 @@ static void t_on_request_head(struct l7t *t)
         const struct wp_h1_info *info = t->mode == M_H2STREAM ? NULL : wp_h1_parser_info(t->parser);
         bool has_body = info ? info->has_body : !t->eof_in;
         bool te_trailers;
+        uint64_t timeout_ms;
         uint32_t ctlen;
         const char *ct = wp_headers_get(&req->headers, "content-type", &ctlen);
         struct flt_request fr = {
@@ -2179,9 +2230,11 @@ static void t_on_request_head(struct l7t *t)
         dbuf_clear(&t->copy);
         wp_debug("l7", "[T%lu] %s %s -> cluster %s", (unsigned long)t->id, req->method, req->path,
                  cl->name);
-        if (t->res.timeout_ms)
-                wp_timer_arm(t->loop, &t->timeout,
-                             wp_now_ns() + t->res.timeout_ms * WP_NSEC_PER_MSEC);
+        timeout_ms = t->res.timeout_ms;
+        if (t->grpc && t->res.has_max_grpc_timeout)
+                timeout_ms = grpc_timeout(t, &req->headers);
+        if (timeout_ms)
+                wp_timer_arm(t->loop, &t->timeout, wp_now_ns() + timeout_ms * WP_NSEC_PER_MSEC);
         if (t->res.n_mirrors && t->mode != M_SHADOW)
                 t_mirror(t, req, has_body);
         t_start_attempt(t);

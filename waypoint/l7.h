@@ -99,7 +99,8 @@ void wp_worker_metric_labels(const struct wp_snapshot *snap, const struct wp_tel
 struct wp_metrics_shard *wp_worker_mshard(struct wp_worker *w);
 /* Writes c's line (one write(2) each) to every access log of chain ch whose filter matches,
  * rendered into a per-worker buffer. */
-void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const struct wp_al_ctx *c);
+void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch,
+                          const struct wp_al_ctx *c);
 
 /*
  * Access to the worker's upstream HBONE pool (implemented in worker.c). A request for a

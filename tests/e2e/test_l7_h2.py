@@ -14,9 +14,13 @@ precise stream or connection error, and the waypoint keeps serving.
 """
 
 import asyncio
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
 import unittest
 import urllib.request
@@ -36,7 +40,7 @@ try:
 except ImportError:  # python3-grpcio missing: the gRPC class is skipped
     grpc = None
 
-H2_PODS, H2_PLAIN_POD = (41, 42), 43
+H2_PODS, H2_PLAIN_POD, SINK_POD = (41, 42), 43, 44
 T_HPO = 'envoy.extensions.upstreams.http.v3.HttpProtocolOptions'
 T_FILE_LOG = 'type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog'
 PROTOCOL_ERROR, REFUSED_STREAM, FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM = 1, 7, 3, 11
@@ -66,6 +70,8 @@ class H2Topology(test_l7.L7Topology):
             Endpoint(ip(test_l7.WEB_PODS[0]), test_l7.APP_PORT, True)])
         self.svcs['sticky'] = Service('sticky', ip(113), 80, [
             Endpoint(ip(p), test_l7.APP_PORT, True) for p in test_l7.WEB_PODS])
+        self.svcs['sink'] = Service('sink', ip(114), 80, [
+            Endpoint(ip(SINK_POD), test_l7.APP_PORT, False)])
 
     def config(self):
         cfg = super().config()
@@ -98,11 +104,45 @@ class H2Topology(test_l7.L7Topology):
                   route({'prefix': '/mirror'}, route={
                       'cluster': cl('web-v2'),
                       'request_mirror_policies': [{'cluster': cl('plainweb')}]})]}
+        sink = {'name': 'sink', 'validate_clusters': False, 'virtual_hosts': [{
+            'name': 'sink', 'domains': ['*'], 'routes': [
+                route({'prefix': '/'}, route={'cluster': cl('sink'), 'timeout': '0s'})]}]}
+        for i, fc in enumerate(mi['filter_chains']):
+            if fc['name'] == cl('sink'):
+                mi['filter_chains'][i] = http_chain(cl('sink'), sink)
         for i, fc in enumerate(mi['filter_chains']):
             if fc['name'] == cl('extras'):
                 mi['filter_chains'][i] = http_chain(cl('extras'), {
                     'name': 'extras', 'validate_clusters': False, 'virtual_hosts': [vh]})
         return cfg
+
+
+class SinkBackend:
+    """Accepts TCP connections and never reads from them (an upstream that stalls)."""
+
+    def __init__(self, ip, port):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.sock.listen(16)
+        self.conns = []
+        self.requests = []  # never sees one
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def reset(self):
+        pass
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
 
 
 class L7H2Test(test_l7.L7Base):
@@ -111,8 +151,10 @@ class L7H2Test(test_l7.L7Base):
 
     @classmethod
     def extra_backends(cls, ip):
-        return {p: H2Backend('h2pod%d' % p, ip(p), test_l7.APP_PORT)
-                for p in H2_PODS + (H2_PLAIN_POD,)}
+        b = {p: H2Backend('h2pod%d' % p, ip(p), test_l7.APP_PORT)
+             for p in H2_PODS + (H2_PLAIN_POD,)}
+        b[SINK_POD] = SinkBackend(ip(SINK_POD), test_l7.APP_PORT)
+        return b
 
     async def h2(self, service='web', client=None, settings=None):
         c = client or await self.client(self.wp.hbone_addr, local_ip=self.topo.client_ip)
@@ -207,6 +249,13 @@ class L7H2Test(test_l7.L7Base):
         self.assertEqual(s.header('grpc-status'), '7', s)
         self.assertEqual(s.header('grpc-message'), 'RBAC: access denied', s)
         self.assertEqual(bytes(s.body), b'')
+        # the same over HTTP/1.1 (grpc-status in the headers, as Envoy answers)
+        h1 = H1(await self.h2_tunnel('authz'))
+        r = await h1.request('POST', '/other/svc.Method', body=b'\0\0\0\0\0',
+                             headers=[('Content-Type', 'application/grpc')])
+        self.assertEqual((r.status, r.header('grpc-status'), r.header('grpc-message'), r.body),
+                         (200, '7', 'RBAC: access denied', b''), r)
+        self.assertEqual(r.header('content-type'), 'application/grpc')
         # no route for a gRPC call: UNIMPLEMENTED (12)
         h = await self.h2()
         s = await h.request('POST', '/nothing/svc.M', body=b'\0\0\0\0\0',
@@ -267,18 +316,42 @@ class L7H2Test(test_l7.L7Base):
         h = await self.h2('h2plain', client=c)
         s = await h.request('GET', '/warm')  # the session exists before the burst
         self.assertEqual(s.status, 200, s)
+        backend = self.backends[H2_PLAIN_POD]
+        conns = backend.connections
         streams = await h.start_burst(['/gw/%d' % i for i in range(20)])
         await h.wait(streams)
         for st in streams:
             self.assertEqual(st.status, 200, st)
-        backend = self.backends[H2_PLAIN_POD]
         self.assertTrue(backend.goaway_sent)
-        self.assertGreaterEqual(backend.connections, 2)
+        self.assertEqual(backend.connections, conns + 1)  # one new session took the rest
         # each request reached the backend once: the unprocessed ones were sent again elsewhere
         paths = sorted(p for (_, p, _, _) in backend.requests if p.startswith('/gw/'))
         self.assertEqual(paths, sorted('/gw/%d' % i for i in range(20)))
         s = await h.request('GET', '/after')
         self.assertEqual(s.status, 200, s)
+
+    @unittest.skipIf(not os.environ.get('HBONE_BIN'), '$HBONE_BIN missing')
+    async def test_curl_and_nghttp_h2c_through_the_waypoint(self):
+        # independent HTTP/2 clients: curl (prior knowledge) and nghttp, through `hbone forward`
+        fwd = HboneForward('%s:7100' % self.topo.ip(3), self.wp.hbone_addr,
+                           self.topo.authority('h2web'))
+        self.addCleanup(fwd.stop)
+        out = await asyncio.to_thread(subprocess.run, [
+            'curl', '-sS', '--http2-prior-knowledge', '-o', '-', '-w', '\n%{http_version}',
+            '-H', 'x-curl: 1', '--data-binary', 'curl-body',
+            'http://%s/curl/x' % fwd.listen], capture_output=True, timeout=20)
+        body, _, version = out.stdout.decode().rpartition('\n')
+        self.assertEqual((out.returncode, version), (0, '2'), out.stderr)
+        j = json.loads(body)
+        self.assertEqual((j['proto'], j['method'], j['body_len']), ('h2', 'POST', 9))
+        self.assertEqual(j['headers'].get('x-curl'), '1')
+        out = await asyncio.to_thread(subprocess.run, [
+            'nghttp', '-n', '-s', '-m', '20', 'http://%s/nghttp/y' % fwd.listen],
+            capture_output=True, timeout=20)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        got = [p for (_, p, _, _) in self.backends[H2_PODS[0]].requests +
+               self.backends[H2_PODS[1]].requests if p == '/nghttp/y']
+        self.assertEqual(len(got), 20)
 
     async def h2_tunnel(self, service, client=None):
         c = client or await self.client(self.wp.hbone_addr, local_ip=self.topo.client_ip)
@@ -434,6 +507,14 @@ class L7H2Test(test_l7.L7Base):
         # the same connection still works
         s = await h.request('GET', '/app/ok')
         self.assertEqual(s.status, 200, s)
+        # CONNECT inside the inner connection: no route has a connect_matcher, so none matches
+        # (404, as Envoy); extended CONNECT (:protocol) is not advertised: malformed
+        s = await h.request(None, None, raw_headers=[(':method', 'CONNECT'),
+                                                     (':authority', 'x.example:443')])
+        self.assertEqual(s.status, 404, s)
+        s = await h.request(None, None, raw_headers=base + [(':path', '/ws'),
+                                                            (':protocol', 'websocket')])
+        self.assertEqual(s.reset_code, PROTOCOL_ERROR, s)
         paths = [p for b in self.backends.values() for (_, p, _, _) in b.requests]
         self.assertEqual(paths, ['/app/ok'])
 
@@ -491,6 +572,23 @@ class L7H2Test(test_l7.L7Base):
         self.assertEqual(h.goaway[0], ENHANCE_YOUR_CALM)
         await self.assert_still_serves()
 
+    async def test_data_beyond_the_window_is_a_flow_control_error(self):
+        import hyperframe.frame
+        h = await self.h2('sink')
+        s = await h.start_request('POST', '/sink', end=False)
+        # the upstream never reads: credit stops coming back; 16 MiB sent regardless of it
+        frame = hyperframe.frame.DataFrame(s.sid, data=b'x' * 16384).serialize()
+        try:
+            for _ in range(64):
+                await h.t.send(frame * 16)
+        except hbonelib.TunnelReset:
+            pass
+        while s.reset_code is None and h.goaway is None and await h.pump(timeout=10):
+            pass
+        self.assertTrue(s.reset_code == FLOW_CONTROL_ERROR or
+                        (h.goaway and h.goaway[0] == FLOW_CONTROL_ERROR), (s, h.goaway))
+        await self.assert_still_serves()
+
     async def test_bad_preface_closes_the_tunnel(self):
         c = await self.client(self.wp.hbone_addr, local_ip=self.topo.client_ip)
         t = c.open_tunnel(self.topo.authority('web'))
@@ -544,6 +642,10 @@ class GrpcBase(hbonelib.AsyncTestCase):
         chains = {
             c['grpc']: http_chain(c['grpc'], rc('grpc', [
                 test_l7.route({'prefix': '/broken.'}, route={'cluster': c['broken']}),
+                # the grpc-timeout header decides (the route timeout does not apply)
+                test_l7.route({'prefix': '/test.Echo/SlowStream'}, route={
+                    'cluster': c['grpc'], 'timeout': '1s',
+                    'max_stream_duration': {'grpc_timeout_header_max': '0s'}}),
                 test_l7.route({'prefix': '/'}, route={'cluster': c['grpc'], 'timeout': '0s'})])),
             c['grpcplain']: http_chain(c['grpcplain'], rc('grpcplain', [
                 test_l7.route({'prefix': '/'}, route={'cluster': c['grpcplain']})])),
@@ -606,7 +708,8 @@ class GrpcBase(hbonelib.AsyncTestCase):
         return await asyncio.to_thread(self.call, *a, **kw)
 
 
-@unittest.skipIf(grpc is None, 'python3-grpcio missing')
+@unittest.skipIf(grpc is None or not os.environ.get('HBONE_BIN'),
+                 'python3-grpcio or $HBONE_BIN missing')
 class GrpcTest(GrpcBase):
 
     async def test_unary_with_metadata_and_trailers(self):
@@ -660,6 +763,30 @@ class GrpcTest(GrpcBase):
         self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
         self.assertIn('connection failure', details)
 
+    async def test_grpc_timeout_header_bounds_the_call(self):
+        c = await self.client(self.wp.hbone_addr, local_ip=self.ip(2))
+        t = c.open_tunnel(self.svcs['grpc'].authority)
+        self.assertEqual((await t.wait_response()).status, 200)
+        h = await H2(t).start()
+        hdrs = [('content-type', 'application/grpc'), ('te', 'trailers')]
+        path = '/test.Echo/SlowStream'
+        # deadline before the first message: a gRPC-shaped 504 (UNAVAILABLE, as Envoy maps it)
+        early = await h.request('POST', path, body=grpc_frame(b'20'),
+                                headers=hdrs + [('grpc-timeout', '30m')])
+        self.assertEqual((early.status, early.header('grpc-status')), (200, '14'), early)
+        # deadline while messages flow: the stream is cut there
+        t0 = time.monotonic()
+        cut = await h.request('POST', path, body=grpc_frame(b'20'),
+                              headers=hdrs + [('grpc-timeout', '400000u')])
+        self.assertEqual(cut.status, 200, cut)
+        self.assertEqual(cut.reset_code, 8, cut)  # CANCEL
+        self.assertLess(time.monotonic() - t0, 1.5)
+        self.assertLess(len(grpc_unframe(bytes(cut.body))), 20)
+        # no header: no timeout at all (the stream outlives the route's 1 s)
+        full = await h.request('POST', path, body=grpc_frame(b'15'), headers=hdrs, timeout=20)
+        self.assertEqual(full.trailer('grpc-status'), '0', full)
+        self.assertEqual(grpc_unframe(bytes(full.body)), [b's%d' % i for i in range(15)])
+
     async def test_metrics_carry_grpc_status(self):
         for _ in range(2):
             await self.acall('grpc', '/test.Echo/Unary', b'm')
@@ -687,7 +814,8 @@ class GrpcTest(GrpcBase):
 
 
 
-@unittest.skipIf(grpc is None, 'python3-grpcio missing')
+@unittest.skipIf(grpc is None or not os.environ.get('HBONE_BIN'),
+                 'python3-grpcio or $HBONE_BIN missing')
 class GrpcDrainTest(GrpcBase):
     """SIGTERM with gRPC streams in flight: inner HTTP/2 clients get GOAWAY(NO_ERROR), the
     streams complete with OK, inner HTTP/1.1 answers say connection: close."""

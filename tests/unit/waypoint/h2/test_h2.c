@@ -851,6 +851,51 @@ static void test_client_stream_limit_and_goaway(void)
         wp_h2_free(s.h);
 }
 
+/* Every allocation of an exchange (request with trailers, response with body and trailers) fails
+ * once in turn: the codec reports it (or resets the stream), never crashes or leaks. */
+static int fa_exchange(void *arg)
+{
+        struct srv s;
+        struct cli c;
+        struct wp_http_response resp = {.status = 200, .content_length = -1};
+        struct wp_headers trl;
+        const nghttp2_nv tnv[] = {NVS("x-sum", "1")};
+        int32_t id;
+        bool ok;
+
+        (void)arg;
+        memset(&s, 0, sizeof(s));
+        g_srv = &s;
+        s.consume = true;
+        if (wp_h2_new(&scb, NULL, true, &s, &s.h) < 0)
+                return -ENOMEM;
+        cli_init(&c, NULL, 0);
+        id = nghttp2_submit_headers(c.ng, NGHTTP2_FLAG_NONE, -1, NULL, get_nv, 4, NULL);
+        pump(&c, s.h);
+        nghttp2_submit_headers(c.ng, NGHTTP2_FLAG_END_STREAM, id, NULL, tnv, 1, NULL);
+        pump(&c, s.h);
+        ok = s.nreqs == 1 && s.reqs[0].ended && !strcmp(s.reqs[0].trailers, "[x-sum=1]");
+        wp_headers_init(&resp.headers);
+        wp_headers_init(&trl);
+        ok = ok && wp_headers_add(&resp.headers, "x-r", 3, "1", 1) == 0 &&
+             wp_headers_add(&trl, "grpc-status", 11, "0", 1) == 0 &&
+             wp_h2_respond(s.h, id, &resp, false) == 0 && wp_h2_send(s.h, id, "hello", 5) == 0 &&
+             wp_h2_end(s.h, id, &trl) == 0;
+        wp_headers_done(&resp.headers);
+        wp_headers_done(&trl);
+        if (ok)
+                pump(&c, s.h);
+        ok = ok && c.status[id / 2] == 200 && c.body[id / 2] == 5 &&
+             !strcmp(c.trailer[id / 2], "[grpc-status=0]");
+        teardown(&s, &c);
+        return ok ? 0 : -ENOMEM;
+}
+
+static void test_allocation_failures(void)
+{
+        CHECK(check_failalloc_run(fa_exchange, NULL) > 10);
+}
+
 static void run_all(void)
 {
         RUN(test_get_with_body_and_trailers);
@@ -872,6 +917,7 @@ int main(void)
 {
         byte_by_byte = false;
         run_all();
+        RUN(test_allocation_failures);
         byte_by_byte = true;
         fprintf(stderr, "-- again, fed one byte at a time\n");
         run_all();
