@@ -217,12 +217,23 @@ struct l7t {
         uint64_t req_wire, resp_wire; /* downstream wire bytes received / sent */
         uint64_t req_body, resp_body; /* body bytes of both */
         uint64_t xflags;              /* WP_AL_F(URX), WP_AL_F(DC) */
-        bool req_open;                /* a request is being served and was not recorded yet */
-        bool have_head;               /* its head was parsed (else a parse error) */
-        bool grpc;                    /* content-type application/grpc */
-        bool down_ended;              /* the response's END_STREAM is queued downstream */
-        char attempt_str[12];         /* x-envoy-attempt-count value */
-        char set_cookie[512];         /* generated hash cookie (Set-Cookie value) */
+        struct {                      /* access-log timing points (wp_now_ns, 0: not reached) */
+                uint64_t req_end;     /* last request byte received */
+                uint64_t up_start;    /* upstream attempt started (endpoint picked) */
+                uint64_t up_ready;    /* its connection or stream assigned, head sent */
+                uint64_t up_tx_end;   /* last request byte sent upstream */
+                uint64_t up_first;    /* response head from upstream */
+                uint64_t up_body;     /* first response body byte from upstream */
+                uint64_t up_last;     /* upstream response complete */
+                uint64_t ds_tx;       /* first response byte sent downstream */
+                uint64_t up_conn_id;  /* HBONE connection of the upstream (0: TCP or none) */
+        } tm;
+        bool req_open;        /* a request is being served and was not recorded yet */
+        bool have_head;       /* its head was parsed (else a parse error) */
+        bool grpc;            /* content-type application/grpc */
+        bool down_ended;      /* the response's END_STREAM is queued downstream */
+        char attempt_str[12]; /* x-envoy-attempt-count value */
+        char set_cookie[512]; /* generated hash cookie (Set-Cookie value) */
         const struct wp_headers *resp_trailers; /* for t_record (grpc-status) */
         /* HTTP/2 */
         enum l7_mode mode;
@@ -596,6 +607,21 @@ static void t_record_begin(struct l7t *t, bool have_head)
         t->req_body = 0;
         t->resp_body = 0;
         t->xflags = 0;
+        memset(&t->tm, 0, sizeof(t->tm));
+}
+
+static void tm_mark(uint64_t *at)
+{
+        if (!*at)
+                *at = wp_now_ns();
+}
+
+/* The pooled HBONE connection carrying an upstream (for UPSTREAM_CONNECTION_ID). */
+static uint64_t up_conn_id(const struct l7up *up)
+{
+        const struct hbone_conn *c = wp_worker_pool_conn(&up->pr);
+
+        return c ? hbone_conn_id(c) : 0;
 }
 
 /*
@@ -690,7 +716,7 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
                 struct wp_al_ctx c = {
                         .start_unix_ns = t->start_unix_ns,
                         .start_ns = t->start_ns,
-                        .request_end_ns = t->req_done ? now : 0,
+                        .request_end_ns = t->tm.req_end,
                         .end_ns = now,
                         .bytes_received = t->req_body,
                         .bytes_sent = t->resp_body,
@@ -709,6 +735,21 @@ static void t_record(struct l7t *t, const struct wp_http_response *resp)
                         .downstream_remote = (const struct sockaddr *)&t->src,
                         .filter_state = &fs,
                         .n_filter_state = 1,
+                        .upstream_first_byte_ns = t->tm.up_first,
+                        .upstream_last_byte_ns = t->tm.up_last,
+                        .upstream_request_start_ns = t->tm.up_start,
+                        .upstream_pool_ready_ns = t->tm.up_ready,
+                        .upstream_tx_begin_ns = t->tm.up_ready,
+                        .upstream_tx_end_ns = t->tm.up_tx_end,
+                        .upstream_rx_body_begin_ns = t->tm.up_body,
+                        .downstream_tx_begin_ns = t->tm.ds_tx,
+                        .downstream_wire_bytes_received = t->req_wire,
+                        .downstream_wire_bytes_sent = t->resp_wire,
+                        .connection_id = hbone_conn_id(t->conn),
+                        .upstream_connection_id = t->tm.up_conn_id,
+                        .upstream_protocol =
+                                t->tm.up_ready ? (uint8_t)(1 + (t->up_h2 ? WP_HTTP_2 : WP_HTTP_11))
+                                               : 0,
                 };
 
                 if (t->src.ss_family != AF_INET && t->src.ss_family != AF_INET6)
@@ -857,6 +898,7 @@ static void t_local_reply_h2(struct l7t *t, struct wp_http_response *resp, const
         t_record(t, r == 0 ? resp : NULL);
         wp_headers_done(&resp->headers);
         t->resp_started = true;
+        tm_mark(&t->tm.ds_tx);
         if (r < 0) {
                 t_abort(t, HBONE_H2_INTERNAL_ERROR);
                 return;
@@ -931,6 +973,7 @@ static void t_local_reply(struct l7t *t, unsigned status, const char *body, cons
         wp_debug("l7", "[T%lu] local reply %u (%s)%s", (unsigned long)t->id, status,
                  flag ? flag : "-", close ? ", closing" : "");
         t->resp_started = true;
+        tm_mark(&t->tm.ds_tx);
         if (r < 0) {
                 t_abort(t, HBONE_H2_INTERNAL_ERROR);
                 return;
@@ -1612,6 +1655,8 @@ static void t_start_attempt(struct l7t *t)
         struct wp_http_request *req = t_req(t);
 
         t->attempts++;
+        t->tm.up_start = wp_now_ns();
+        t->tm.up_ready = t->tm.up_tx_end = 0;
         if (t->res.retry && t->res.retry->per_try_timeout_ms)
                 wp_timer_arm(t->loop, &t->per_try,
                              wp_now_ns() + t->res.retry->per_try_timeout_ms * WP_NSEC_PER_MSEC);
@@ -1692,6 +1737,10 @@ static void t_up_ready(struct l7t *t)
                         DBUF_WRITE(&t->head, wp_h1_write_request_head(&wb, req), r);
         }
         wp_h1_parser_set_request_method(up->parser, req->method);
+        t->tm.up_ready = wp_now_ns();
+        t->tm.up_conn_id = up->hbone ? up_conn_id(up) : 0;
+        if (t->req_done && t->attempts > 1)
+                t->tm.up_tx_end = t->tm.up_ready; /* the whole request from the retry copy */
         if (r < 0 || up_send(up, dbuf_data(&t->head), t->head.len) < 0 ||
             (t->attempts > 1 && up_send(up, dbuf_data(&t->copy), t->copy.len) < 0)) {
                 t_upstream_failed(t, false, "out of memory");
@@ -1767,6 +1816,7 @@ static int t_body_up_done(struct l7t *t)
         int r = 0;
 
         t->req_done = true;
+        tm_mark(&t->tm.req_end);
         for (int i = 0; i < L7_MAX_SHADOWS; i++)
                 if (t->shadows[i]) {
                         struct l7t *sh = t->shadows[i];
@@ -1777,6 +1827,7 @@ static int t_body_up_done(struct l7t *t)
         if (t->mux) {
                 if (t->usid > 0 && !t->up_req_ended) {
                         t->up_req_ended = true;
+                        tm_mark(&t->tm.up_tx_end);
                         r = wp_h2_end(t->mux->h2, t->usid, trl);
                         mux_kick(t->mux);
                 }
@@ -2398,6 +2449,7 @@ static void t_process_once(struct l7t *t)
                 case WP_H1_EV_DONE:
                         if (t->state == S_DISCARD) {
                                 t->req_done = true;
+                                tm_mark(&t->tm.req_end);
                                 t_request_done(t);
                         } else if (t->state == S_REQ) {
                                 if (t_body_up_done(t) < 0) {
@@ -2479,11 +2531,16 @@ static int t_relay_response_head(struct l7t *t, struct wp_http_response *resp,
         struct wp_http_request *req = t_req(t);
         int r = 0;
 
+        tm_mark(&t->tm.up_first);
+        if (end_stream)
+                tm_mark(&t->tm.up_last);
+
         if (t->mode == M_SHADOW) {
                 /* the mirror's response is dropped */
                 if (resp->status >= 200) {
                         t->status = resp->status;
                         t->resp_started = true;
+                        tm_mark(&t->tm.ds_tx);
                 }
                 return 0;
         }
@@ -2544,6 +2601,7 @@ static int t_relay_response_head(struct l7t *t, struct wp_http_response *resp,
                 h2c_kick(t->h2c);
                 if (r == 0)
                         t->resp_started = true;
+                tm_mark(&t->tm.ds_tx);
                 return r;
         }
         dbuf_clear(&t->scratch);
@@ -2551,6 +2609,7 @@ static int t_relay_response_head(struct l7t *t, struct wp_http_response *resp,
         if (r < 0)
                 return r;
         t->resp_started = true;
+        tm_mark(&t->tm.ds_tx);
         return down_send(t, dbuf_data(&t->scratch), t->scratch.len);
 }
 
@@ -2568,6 +2627,7 @@ static void t_response_done(struct l7t *t)
         bool reuse;
         int r = 0;
 
+        tm_mark(&t->tm.up_last);
         if (t->mode == M_H2STREAM) {
                 struct wp_headers *trl = wp_h1_parser_trailers(up->parser);
 
@@ -2689,6 +2749,8 @@ static void t_process_up(struct l7t *t)
                         }
                         break;
                 case WP_H1_EV_BODY:
+                        if (ev.len)
+                                tm_mark(&t->tm.up_body);
                         if (t_resp_body(t, ev.data, ev.len) < 0) {
                                 t_abort(t, HBONE_H2_INTERNAL_ERROR);
                                 return;
@@ -2710,6 +2772,7 @@ static void t_process_up(struct l7t *t)
                         wp_timer_disarm(t->loop, &t->timeout);
                         t->state = S_UPGRADED;
                         t->req_done = true;
+                        tm_mark(&t->tm.req_end);
                         t_process(t);
                         break;
                 }
@@ -2821,12 +2884,15 @@ static bool t_mux_open(struct l7mux *m, struct l7t *t)
         }
         wp_list_add_tail(&m->active, &t->mux_link);
         t->usid = id;
+        t->tm.up_ready = wp_now_ns();
+        t->tm.up_conn_id = m->io && m->io->hbone ? up_conn_id(m->io) : 0;
         t->up_req_ended = t->req_no_body;
         if (t->attempts > 1 && t->copy.len)
                 r = wp_h2_send(m->h2, id, dbuf_data(&t->copy), t->copy.len);
         if (r == 0 && t->req_done && !t->up_req_ended) {
                 r = wp_h2_end(m->h2, id, NULL);
                 t->up_req_ended = true;
+                tm_mark(&t->tm.up_tx_end);
         }
         if (r < 0)
                 t_upstream_failed(t, false, "out of memory");
@@ -2949,6 +3015,7 @@ static void t_mux_response_done(struct l7t *t, struct wp_headers *trailers)
 {
         int r = 0;
 
+        tm_mark(&t->tm.up_last);
         if (trailers)
                 wp_h1_remove_hop_by_hop(trailers, false);
         t->resp_trailers = trailers;
@@ -3007,6 +3074,8 @@ static int m_on_data(struct wp_h2 *h, void *su, const uint8_t *d, size_t n)
 {
         struct l7t *t = su;
 
+        if (n)
+                tm_mark(&t->tm.up_body);
         if (t_resp_body(t, d, n) < 0) {
                 t_abort(t, HBONE_H2_INTERNAL_ERROR);
                 return 0;

@@ -68,6 +68,12 @@ JSON_FORMAT = {
     'downstream_remote_address': '%DOWNSTREAM_REMOTE_ADDRESS%',
     'peer': '%DOWNSTREAM_PEER_URI_SAN%', 'route_name': '%ROUTE_NAME%',
     'local_ip': '%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)%',
+    'request_duration': '%REQUEST_DURATION%', 'response_duration': '%RESPONSE_DURATION%',
+    'upstream_protocol': '%UPSTREAM_PROTOCOL%', 'connection_id': '%CONNECTION_ID%',
+    'upstream_connection_id': '%UPSTREAM_CONNECTION_ID%',
+    'pool_ready_ms': '%UPSTREAM_CONNECTION_POOL_READY_DURATION%',
+    'upstream_us': '%COMMON_DURATION(US_TX_BEG:US_RX_END:us)%',
+    'wire_in': '%DOWNSTREAM_WIRE_BYTES_RECEIVED%',
 }
 
 
@@ -254,7 +260,26 @@ class TelemetryTest(BlockTest):
             self.assertEqual(e['peer'], CLIENT_ID, e)
             self.assertEqual(e['local_ip'], self.web.authority, e)
             self.assertTrue(e['downstream_remote_address'].startswith(self.ip(2) + ':'), e)
+            # timing and ids of the upstream exchange
+            self.assertIsInstance(e['request_duration'], int, e)
+            self.assertIsInstance(e['response_duration'], int, e)
+            self.assertLessEqual(e['response_duration'], e['duration'], e)
+            self.assertEqual(e['upstream_protocol'], 'HTTP/1.1', e)
+            self.assertIsInstance(e['pool_ready_ms'], int, e)
+            self.assertIsInstance(e['upstream_us'], int, e)
+            self.assertGreater(e['upstream_us'], 0, e)
+            self.assertGreater(e['wire_in'], 0, e)
+            self.assertGreater(e['connection_id'], 0, e)
+            self.assertGreater(e['upstream_connection_id'], 0, e)
+            self.assertNotEqual(e['connection_id'], e['upstream_connection_id'], e)
+        # all requests came on one client connection; kept-alive upstream: one connection
+        self.assertEqual(len({e['connection_id'] for e in jl}), 1, jl)
+        self.assertEqual(len({e['upstream_connection_id'] for e in allowed}), 1, allowed)
         for e in rejected:
+            # RBAC answered: nothing went upstream
+            self.assertIsNone(e['response_duration'], e)
+            self.assertIsNone(e['upstream_protocol'], e)
+            self.assertIsNone(e['upstream_connection_id'], e)
             self.assertTrue(e['path'].startswith('/secret/'), e)
             self.assertTrue(e['response_code_details'].startswith(
                 'rbac_access_denied_matched_policy['), e)
