@@ -732,9 +732,15 @@ class HboneForward:
                 time.sleep(0.05)
 
     def stop(self):
+        """Ends the forwarder; raises AssertionError if a sanitizer reported in its log."""
         import os
         if self.proc.poll() is None:
             self.proc.terminate()
         self.proc.wait(5)
         self.log.close()
+        with open(self.log.name, 'rb') as f:
+            text = f.read().decode('utf-8', 'replace')
         os.unlink(self.log.name)
+        for m in hbonelib.SANITIZER_MARKERS:
+            if m in text:
+                raise AssertionError('hbone forward: %s\n%s' % (m, text[-4000:]))

@@ -13,18 +13,16 @@ import asyncio
 import collections
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hbonelib  # noqa: E402
-from hbonelib import (CLIENT_ID, Endpoint, Service, Waypoint, block_for, make_config,  # noqa: E402
-                      pki_path, io_backend, SANITIZER_MARKERS)
-from l7lib import HttpBackend, http_chain, with_http_chains  # noqa: E402
+from hbonelib import (CLIENT_ID, Endpoint, Service, Waypoint, block_for,  # noqa: E402
+                      make_config)
+from l7lib import HboneForward, HttpBackend, http_chain, with_http_chains  # noqa: E402
 
 PODS = (31, 32, 33)
 V2_POD = 34
@@ -122,36 +120,14 @@ class ClientsTest(hbonelib.AsyncTestCase):
         cls.backends = {p: HttpBackend('pod%d' % p, ip(p), APP_PORT) for p in PODS + (V2_POD,)}
         cls.wp = Waypoint(cls.topo.wp_ip, cls.topo.config(), name=cls.__name__)
         cls.wp.start()
-        cls.fwd = []
-        for svc, port in cls.topo.fwd_ports.items():
-            log = tempfile.NamedTemporaryFile(prefix='hbone-fwd-', suffix='.log', delete=False)
-            argv = [os.environ['HBONE_BIN'], 'forward', '--listen', '%s:%d' % (cls.topo.fwd_ip, port),
-                    '--server', cls.wp.hbone_addr, '--authority', cls.topo.svcs[svc].authority,
-                    '--io-backend', io_backend(), '--cert', pki_path('client.pem'),
-                    '--key', pki_path('client.key'), '--root', pki_path('root.pem')]
-            cls.fwd.append((subprocess.Popen(argv, stderr=log, stdout=subprocess.DEVNULL), log))
-        for port in cls.topo.fwd_ports.values():
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection((cls.topo.fwd_ip, port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+        cls.fwd = [HboneForward('%s:%d' % (cls.topo.fwd_ip, port), cls.wp.hbone_addr,
+                                cls.topo.svcs[svc].authority)
+                   for svc, port in cls.topo.fwd_ports.items()]
 
     @classmethod
     def tearDownClass(cls):
-        for p, log in cls.fwd:
-            p.terminate()
-            p.wait(5)
-            log.close()
-            with open(log.name, 'rb') as f:
-                text = f.read().decode('utf-8', 'replace')
-            os.unlink(log.name)
-            for m in SANITIZER_MARKERS:
-                assert m not in text, text[-4000:]
+        for f in cls.fwd:
+            f.stop()
         cls.wp.stop(check=True)
         for b in cls.backends.values():
             b.close()
