@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "filters/matcher.h"
 #include "filters/rbac.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/re2_shim.h"
@@ -28,7 +29,7 @@
         "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
 #define DETAILS_PREFIX "rbac_access_denied_matched_policy["
 #define DETAILS_NONE   DETAILS_PREFIX "none]"
-#define SCRATCH_SIZE   4096
+#define SCRATCH_SIZE   4096 /* a repeated header joined; longer ones go to the heap */
 
 /* ---- bump pool: every compiled object of one engine ---- */
 
@@ -70,42 +71,7 @@ static void pool_done(struct pool *p)
         }
 }
 
-/* ---- regular expressions: RE2 through waypoint/re2_shim.h ---- */
-
-struct rx {
-        struct rx *next; /* engine's list, for freeing */
-        struct wp_re2 *re;
-};
-
-static bool rx_full_match(const struct rx *x, const char *s, size_t len)
-{
-        return wp_re2_full_match(x->re, s, len);
-}
-
-/* ---- compiled matchers ---- */
-
-enum { S_EXACT, S_PREFIX, S_SUFFIX, S_CONTAINS, S_REGEX };
-
-struct str_m {
-        uint8_t kind;
-        bool icase; /* s is lower case */
-        uint32_t len;
-        const char *s;
-        const struct rx *re;
-};
-
-enum { P_NONE, P_METHOD, P_PATH, P_AUTHORITY, P_SCHEME };
-enum { H_STR, H_ANY_VALUE, H_RANGE, H_PRESENT };
-
-struct hdr_m {
-        const char *name;
-        uint32_t name_len;
-        uint8_t pseudo;
-        uint8_t kind;
-        bool invert, present, missing_as_empty;
-        struct str_m sm;
-        int64_t lo, hi;
-};
+/* ---- compiled matchers (string and header matchers: filters/matcher.h) ---- */
 
 struct cidr {
         uint8_t family; /* AF_INET / AF_INET6 */
@@ -120,8 +86,8 @@ struct val_m {
         bool b;         /* V_BOOL, V_PRESENT */
         bool dbl_range; /* V_DOUBLE: range [lo, hi) or exact lo */
         double lo, hi;
-        struct str_m str; /* V_STRING */
-        struct val_m **v; /* V_LIST (one), V_OR (n) */
+        struct wp_strmatch str; /* V_STRING */
+        struct val_m **v;       /* V_LIST (one), V_OR (n) */
         uint32_t n;
 };
 
@@ -168,8 +134,8 @@ struct node {
         uint32_t n;
         union {
                 struct node **kids;
-                const struct hdr_m *hdr;
-                const struct str_m *str;
+                const struct wp_hdrmatch *hdr;
+                const struct wp_strmatch *str;
                 const struct cidr *cidr;
                 struct {
                         uint32_t lo, hi; /* [lo, hi) */
@@ -191,7 +157,7 @@ struct flt_rbac_engine {
         struct policy *pol;
         uint32_t n_pol;
         struct pool pool;
-        struct rx *regexes;
+        struct wp_match_regex *regexes;
 };
 
 /* ---- compile context and errors ---- */
@@ -299,176 +265,72 @@ static struct node *new_node(struct cc *c, uint8_t kind)
 
 /* ---- compile: leaves ---- */
 
-static int compile_regex(struct cc *c, const Envoy__Type__Matcher__V3__RegexMatcher *pb,
-                         const struct rx **ret)
+static void *m_alloc(void *user, size_t n)
 {
-        int r = check_known(c, &pb->base);
-        if (r < 0)
-                return r;
-        if (pb->engine_type_case == ENVOY__TYPE__MATCHER__V3__REGEX_MATCHER__ENGINE_TYPE_GOOGLE_RE2)
-                if ((r = check_known(c, &pb->google_re2->base)) < 0)
-                        return r;
-        unsigned max = FLT_RBAC_RE2_MAX_PROGRAM_SIZE;
-        if (pb->engine_type_case ==
-                ENVOY__TYPE__MATCHER__V3__REGEX_MATCHER__ENGINE_TYPE_GOOGLE_RE2 &&
-            pb->google_re2->max_program_size)
-                max = pb->google_re2->max_program_size->value;
-        struct rx *x = cc_alloc(c, sizeof(*x));
-        if (!x)
+        return cc_alloc(user, n);
+}
+
+/* Words the shared matchers' errors as this module does. */
+static int m_fail(void *user, const struct wp_match_error *e)
+{
+        struct cc *c = user;
+
+        if (e->where[0])
+                path_push(c, ".%s", e->where);
+        switch (e->code) {
+        case WP_MATCH_E_NOMEM:
                 return fail(c, -ENOMEM, "oom");
-        const char *re = pb->regex ? pb->regex : "";
-        char err[160];
-        err[0] = '\0';
-        r = wp_re2_new(re, strlen(re), max, &x->re, err, sizeof(err));
-        if (r == -ENOMEM)
-                return fail(c, r, "oom");
-        if (r == -E2BIG)
-                return fail(c, r, "safe_regex longer than %u bytes", WP_RE2_MAX_PATTERN);
-        if (r < 0)
-                return fail(c, -EINVAL, "safe_regex \"%.100s\": %s", re, err);
-        x->next = c->e->regexes;
-        c->e->regexes = x;
-        *ret = x;
-        return 0;
+        case WP_MATCH_E_UNKNOWN_FIELD:
+                return fail(c, e->err, "field %u of %s is not supported", e->tag, e->message);
+        case WP_MATCH_E_NO_PATTERN:
+                return fail(c, e->err, "string matcher without a match pattern");
+        case WP_MATCH_E_CUSTOM:
+                path_push(c, ".custom");
+                return fail(c, e->err, "not supported");
+        case WP_MATCH_E_EMPTY:
+                return fail(c, e->err, "empty %s", e->field);
+        case WP_MATCH_E_EMPTY_LEGACY:
+                return fail(c, e->err, "empty header match value");
+        case WP_MATCH_E_REGEX_ICASE:
+                return fail(c, e->err, "ignore_case has no effect for safe_regex");
+        case WP_MATCH_E_REGEX:
+                return fail(c, e->err, "safe_regex \"%.100s\": %s", e->pattern, e->detail);
+        case WP_MATCH_E_REGEX_TOO_LONG:
+                return fail(c, e->err, "safe_regex longer than %u bytes", WP_RE2_MAX_PATTERN);
+        case WP_MATCH_E_NAME_EMPTY:
+                return fail(c, e->err, "header matcher without a name");
+        case WP_MATCH_E_NAME_INVALID:
+                return fail(c, e->err, "invalid header name \"%.100s\"", e->pattern);
+        default:
+                return fail(c, e->err, "%s: invalid", e->field);
+        }
+}
+
+static struct wp_match_cc mcc(struct cc *c)
+{
+        return (struct wp_match_cc){
+                .alloc = m_alloc, .fail = m_fail, .user = c, .regexes = &c->e->regexes};
 }
 
 static int compile_str(struct cc *c, const Envoy__Type__Matcher__V3__StringMatcher *pb,
-                       struct str_m *m)
+                       struct wp_strmatch *m)
 {
-        int r = check_known(c, &pb->base);
-        if (r < 0)
-                return r;
-        const char *s = NULL;
-        m->icase = pb->ignore_case;
-        switch (pb->match_pattern_case) {
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_EXACT:
-                m->kind = S_EXACT;
-                s = pb->exact;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_PREFIX:
-                m->kind = S_PREFIX;
-                s = pb->prefix;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_SUFFIX:
-                m->kind = S_SUFFIX;
-                s = pb->suffix;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_CONTAINS:
-                m->kind = S_CONTAINS;
-                s = pb->contains;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_SAFE_REGEX:
-                if (pb->ignore_case)
-                        return fail(c, -EINVAL, "ignore_case has no effect for safe_regex");
-                m->kind = S_REGEX;
-                return compile_regex(c, pb->safe_regex, &m->re);
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_CUSTOM:
-                path_push(c, ".custom");
-                return fail(c, -EINVAL, "not supported");
-        default:
-                return fail(c, -EINVAL, "string matcher without a match pattern");
-        }
-        if (!s)
-                s = "";
-        size_t n = strlen(s);
-        /* Envoy's validation: prefix, suffix and contains must not be empty. */
-        if (!n && m->kind != S_EXACT)
-                return fail(c, -EINVAL, "empty %s",
-                            m->kind == S_PREFIX   ? "prefix"
-                            : m->kind == S_SUFFIX ? "suffix"
-                                                  : "contains");
-        m->s = cc_strdup(c, s, n, m->icase);
-        if (!m->s)
-                return fail(c, -ENOMEM, "oom");
-        m->len = (uint32_t)n;
-        return 0;
+        struct wp_match_cc mc = mcc(c);
+
+        return wp_strmatch_compile(&mc, pb, m);
 }
 
 static int compile_header(struct cc *c, const Envoy__Config__Route__V3__HeaderMatcher *pb,
                           struct node *n)
 {
-        int r = check_known(c, &pb->base);
-        if (r < 0)
-                return r;
-        struct hdr_m *h = cc_alloc(c, sizeof(*h));
+        struct wp_match_cc mc = mcc(c);
+        struct wp_hdrmatch *h = cc_alloc(c, sizeof(*h));
+        int r;
+
         if (!h)
                 return fail(c, -ENOMEM, "oom");
-        size_t nl = pb->name ? strlen(pb->name) : 0;
-        if (!nl)
-                return fail(c, -EINVAL, "header matcher without a name");
-        if (!(h->name = cc_strdup(c, pb->name, nl, true)))
-                return fail(c, -ENOMEM, "oom");
-        h->name_len = (uint32_t)nl;
-        h->pseudo = !strcmp(h->name, ":method")      ? P_METHOD
-                    : !strcmp(h->name, ":path")      ? P_PATH
-                    : !strcmp(h->name, ":authority") ? P_AUTHORITY
-                    : !strcmp(h->name, ":scheme")    ? P_SCHEME
-                                                     : P_NONE;
-        h->invert = pb->invert_match;
-        h->missing_as_empty = pb->treat_missing_header_as_empty;
-        const char *legacy = NULL;
-        uint8_t legacy_kind = S_EXACT;
-        switch (pb->header_match_specifier_case) {
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_EXACT_MATCH:
-                /* Envoy: an empty exact_match matches any value. */
-                if (!pb->exact_match || !*pb->exact_match) {
-                        h->kind = H_ANY_VALUE;
-                        break;
-                }
-                legacy = pb->exact_match;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_PREFIX_MATCH:
-                legacy = pb->prefix_match;
-                legacy_kind = S_PREFIX;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_SUFFIX_MATCH:
-                legacy = pb->suffix_match;
-                legacy_kind = S_SUFFIX;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_CONTAINS_MATCH:
-                legacy = pb->contains_match;
-                legacy_kind = S_CONTAINS;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_SAFE_REGEX_MATCH:
-                h->kind = H_STR;
-                h->sm.kind = S_REGEX;
-                if ((r = compile_regex(c, pb->safe_regex_match, &h->sm.re)) < 0)
-                        return r;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_RANGE_MATCH:
-                if ((r = check_known(c, &pb->range_match->base)) < 0)
-                        return r;
-                h->kind = H_RANGE;
-                h->lo = pb->range_match->start;
-                h->hi = pb->range_match->end;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_PRESENT_MATCH:
-                h->kind = H_PRESENT;
-                h->present = pb->present_match;
-                break;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_STRING_MATCH: {
-                size_t old = path_push(c, ".string_match");
-                h->kind = H_STR;
-                if ((r = compile_str(c, pb->string_match, &h->sm)) < 0)
-                        return r;
-                path_pop(c, old);
-                break;
-        }
-        default:
-                /* No specifier: Envoy matches on presence. */
-                h->kind = H_PRESENT;
-                h->present = true;
-                break;
-        }
-        if (legacy) {
-                if (!*legacy)
-                        return fail(c, -EINVAL, "empty header match value");
-                h->kind = H_STR;
-                h->sm.kind = legacy_kind;
-                h->sm.len = (uint32_t)strlen(legacy);
-                if (!(h->sm.s = cc_strdup(c, legacy, h->sm.len, false)))
-                        return fail(c, -ENOMEM, "oom");
-        }
+        if ((r = wp_hdrmatch_compile(&mc, pb, h)) < 0)
+                return r;
         n->u.hdr = h;
         return 0;
 }
@@ -923,7 +785,7 @@ static int compile_path_matcher(struct cc *c, const Envoy__Type__Matcher__V3__Pa
                 return r;
         if (pb->rule_case != ENVOY__TYPE__MATCHER__V3__PATH_MATCHER__RULE_PATH)
                 return fail(c, -EINVAL, "path matcher without a rule");
-        struct str_m *m = cc_alloc(c, sizeof(*m));
+        struct wp_strmatch *m = cc_alloc(c, sizeof(*m));
         if (!m)
                 return fail(c, -ENOMEM, "oom");
         size_t old = path_push(c, ".path");
@@ -937,7 +799,7 @@ static int compile_path_matcher(struct cc *c, const Envoy__Type__Matcher__V3__Pa
 static int compile_str_node(struct cc *c, const Envoy__Type__Matcher__V3__StringMatcher *pb,
                             struct node *n)
 {
-        struct str_m *m = cc_alloc(c, sizeof(*m));
+        struct wp_strmatch *m = cc_alloc(c, sizeof(*m));
         if (!m)
                 return fail(c, -ENOMEM, "oom");
         int r = compile_str(c, pb, m);
@@ -1335,8 +1197,7 @@ struct flt_rbac_engine *flt_rbac_engine_free(struct flt_rbac_engine *e)
 {
         if (!e)
                 return NULL;
-        for (struct rx *x = e->regexes; x; x = x->next)
-                wp_re2_free(x->re);
+        wp_match_regexes_free(e->regexes);
         pool_done(&e->pool);
         wp_free(e);
         return NULL;
@@ -1384,175 +1245,22 @@ struct ectx {
         char scratch[SCRATCH_SIZE];
 };
 
-static inline char lower(char ch)
+/* Header matcher: joins repeated values in x->scratch, or on the heap when longer. */
+static int hdr_match(struct ectx *x, const struct wp_hdrmatch *h)
 {
-        return ch >= 'A' && ch <= 'Z' ? (char)(ch + 32) : ch;
-}
-
-static bool eq_at(const char *s, const struct str_m *m)
-{
-        if (!m->icase)
-                return !memcmp(s, m->s, m->len);
-        for (uint32_t i = 0; i < m->len; i++)
-                if (lower(s[i]) != m->s[i])
-                        return false;
-        return true;
-}
-
-static bool str_match(const struct str_m *m, const char *s, size_t len)
-{
-        switch (m->kind) {
-        case S_EXACT:
-                return len == m->len && eq_at(s, m);
-        case S_PREFIX:
-                return len >= m->len && eq_at(s, m);
-        case S_SUFFIX:
-                return len >= m->len && eq_at(s + len - m->len, m);
-        case S_CONTAINS:
-                if (!m->icase)
-                        return memmem(s, len, m->s, m->len) != NULL;
-                for (size_t i = 0; i + m->len <= len; i++)
-                        if (eq_at(s + i, m))
-                                return true;
-                return false;
-        case S_REGEX:
-                return rx_full_match(m->re, s, len);
-        }
-        return false;
-}
-
-/* absl::SimpleAtoi for int64: optional surrounding whitespace and sign. */
-static bool parse_i64(const char *s, size_t len, int64_t *ret)
-{
-        size_t i = 0;
-        while (len && strchr(" \t\n\v\f\r", s[len - 1]) && s[len - 1])
-                len--;
-        while (i < len && strchr(" \t\n\v\f\r", s[i]) && s[i])
-                i++;
-        bool neg = false;
-        if (i < len && (s[i] == '+' || s[i] == '-'))
-                neg = s[i++] == '-';
-        if (i == len)
-                return false;
-        uint64_t v = 0, lim = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
-        for (; i < len; i++) {
-                if (s[i] < '0' || s[i] > '9')
-                        return false;
-                unsigned d = (unsigned)(s[i] - '0');
-                if (v > (lim - d) / 10)
-                        return false;
-                v = v * 10 + d;
-        }
-        *ret = neg ? (int64_t)(0 - v) : (int64_t)v;
-        return true;
-}
-
-/* Finds header h. Returns 1 (value in *v, *vl; may point into x->scratch or *heap), 0 when
- * absent, -ENOMEM. */
-static int hdr_get(struct ectx *x, const struct hdr_m *h, char **heap, const char **v, size_t *vl)
-{
-        const struct wp_http_request *req = x->f->req;
-        if (!req)
-                return 0;
-        const char *p = NULL;
-        switch (h->pseudo) {
-        case P_METHOD:
-                p = req->method;
-                break;
-        case P_PATH:
-                p = req->path;
-                break;
-        case P_AUTHORITY:
-                p = req->authority;
-                break;
-        case P_SCHEME:
-                p = req->scheme;
-                break;
-        default: {
-                /* Several values: joined with ',' (Envoy's getAllOfHeaderAsString). */
-                const struct wp_headers *hs = &req->headers;
-                size_t count = 0, total = 0;
-                const struct wp_header *first = NULL;
-                for (uint32_t i = 0; i < hs->n; i++) {
-                        const struct wp_header *e = &hs->v[i];
-                        if (e->name_len != h->name_len || memcmp(e->name, h->name, h->name_len))
-                                continue;
-                        if (!count++)
-                                first = e;
-                        total += e->value_len + 1;
-                }
-                if (!count)
-                        return 0;
-                if (count == 1) {
-                        *v = first->value;
-                        *vl = first->value_len;
-                        return 1;
-                }
-                char *buf = x->scratch;
-                if (total > sizeof(x->scratch)) {
-                        if (!(buf = *heap = wp_malloc(total)))
-                                return -ENOMEM;
-                }
-                size_t off = 0;
-                for (uint32_t i = 0; i < hs->n; i++) {
-                        const struct wp_header *e = &hs->v[i];
-                        if (e->name_len != h->name_len || memcmp(e->name, h->name, h->name_len))
-                                continue;
-                        if (off)
-                                buf[off++] = ',';
-                        memcpy(buf + off, e->value, e->value_len);
-                        off += e->value_len;
-                }
-                buf[off] = '\0';
-                *v = buf;
-                *vl = off;
-                return 1;
-        }
-        }
-        if (!p)
-                return 0;
-        *v = p;
-        *vl = strlen(p);
-        return 1;
-}
-
-static int hdr_match(struct ectx *x, const struct hdr_m *h)
-{
-        char *heap = NULL;
+        int r = wp_hdrmatch_match(h, x->f->req, x->scratch, sizeof(x->scratch));
+        if (r != -ENOSPC)
+                return r;
         const char *v = NULL;
         size_t vl = 0;
-        int r = hdr_get(x, h, &heap, &v, &vl);
-        if (r < 0)
-                return r;
-        if (!r) {
-                if (!h->missing_as_empty) {
-                        /* Envoy: an absent header matches only present_match:false, and an
-                         * inverted matcher on an absent header only present_match:true. */
-                        if (h->invert)
-                                return h->kind == H_PRESENT && h->present;
-                        return h->kind == H_PRESENT && !h->present;
-                }
-                v = "";
-                vl = 0;
-        }
-        bool m = false;
-        int64_t iv;
-        switch (h->kind) {
-        case H_STR:
-                m = str_match(&h->sm, v, vl);
-                break;
-        case H_ANY_VALUE:
-                m = true;
-                break;
-        case H_RANGE:
-                m = parse_i64(v, vl, &iv) && iv >= h->lo && iv < h->hi;
-                break;
-        case H_PRESENT:
-                m = h->present;
-                break;
-        }
+        wp_hdrmatch_value(h, x->f->req, NULL, 0, &v, &vl);
+        char *heap = wp_malloc(vl);
+        if (!heap)
+                return -ENOMEM;
+        r = wp_hdrmatch_value(h, x->f->req, heap, vl, &v, &vl);
+        bool m = r >= 0 && wp_hdrmatch_accepts(h, r == 1, v, vl);
         wp_free(heap);
-        return m != h->invert;
+        return r < 0 ? r : m;
 }
 
 static size_t path_len_no_query(const char *p)
@@ -1673,7 +1381,7 @@ static bool val_scalar(const struct val_m *v, const struct wp_header *e)
         case V_NULL:
                 return false;
         case V_STRING:
-                return str_match(&v->str, e->value, e->value_len);
+                return wp_strmatch_match(&v->str, e->value, e->value_len);
         case V_BOOL:
                 return !strcmp(e->value, v->b ? "true" : "false");
         case V_DOUBLE:
@@ -1752,7 +1460,7 @@ static int eval(const struct node *n, struct ectx *x)
         case N_PATH:
                 if (!f->req || !f->req->path)
                         return 0;
-                return str_match(n->u.str, f->req->path, path_len_no_query(f->req->path));
+                return wp_strmatch_match(n->u.str, f->req->path, path_len_no_query(f->req->path));
         case N_TEMPLATE:
                 if (!f->req || !f->req->path)
                         return 0;
@@ -1766,17 +1474,17 @@ static int eval(const struct node *n, struct ectx *x)
                 return val_match(n->u.meta->v, f->dyn_meta, n->u.meta) != n->u.meta->invert;
         case N_SNI: {
                 const char *s = f->sni ? f->sni : "";
-                return str_match(n->u.str, s, strlen(s));
+                return wp_strmatch_match(n->u.str, s, strlen(s));
         }
         case N_AUTHN:
                 if (!f->peer_principal)
                         return 0;
                 return !n->u.str ||
-                       str_match(n->u.str, f->peer_principal, strlen(f->peer_principal));
+                       wp_strmatch_match(n->u.str, f->peer_principal, strlen(f->peer_principal));
         case N_PEER:
                 if (!f->peer_principal)
                         return 0;
-                return str_match(n->u.str, f->peer_principal, strlen(f->peer_principal));
+                return wp_strmatch_match(n->u.str, f->peer_principal, strlen(f->peer_principal));
         case N_SRC_IP:
                 return cidr_match(n->u.cidr, f->src);
         }

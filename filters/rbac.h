@@ -56,8 +56,9 @@
  * matcher/custom extensions, sourced_metadata, the xds matcher-tree form of the filter, unknown
  * filter_state keys, ignore_case with safe_regex) is an error, never a silent allow or deny.
  *
- * Regular expressions (safe_regex): RE2 full match through waypoint/re2_shim.h, with a program
- * size limit of FLT_RBAC_RE2_MAX_PROGRAM_SIZE (google_re2.max_program_size, when set, wins).
+ * String, regex and header matchers are filters/matcher.h's (shared with the router): RE2 full
+ * match through waypoint/re2_shim.h, with a program size limit of WP_MATCH_RE2_MAX_PROGRAM_SIZE
+ * (google_re2.max_program_size, when set, wins); header names must be valid header names.
  * The shim lives in libwpcore: whatever links libfilters must also link waypoint/re2_shim.cc.
  *
  * Threading: a compiled engine/conf is immutable and may be evaluated from any thread.
@@ -78,8 +79,6 @@
 #define FLT_RBAC_MAX_DEPTH    64     /* nesting of and/or/not */
 #define FLT_RBAC_MAX_NODES    100000 /* matchers in one RBAC */
 #define FLT_RBAC_MAX_POLICIES 10000
-/* The value Istio's bootstrap gives re2.max_program_size.error_level (Envoy's default: 100). */
-#define FLT_RBAC_RE2_MAX_PROGRAM_SIZE 32768
 
 /* Separator between the filter name and path segments in dynamic metadata names. */
 #define FLT_RBAC_META_SEP "\x1f"

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "filters/matcher.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/re2_shim.h"
 
@@ -27,43 +28,13 @@ struct ablock {
 
 #define ABLOCK_SIZE 16384
 
-struct re_node {
-        struct wp_re2 *re;
-        struct re_node *next;
-};
-
 /* ---- compiled structures --------------------------------------------------------------- */
-
-enum { SM_EXACT, SM_PREFIX, SM_SUFFIX, SM_CONTAINS, SM_REGEX };
-
-struct strm {
-        uint8_t kind;
-        bool ignore_case;
-        const char *s;
-        uint32_t len;
-        struct wp_re2 *re;
-};
-
-enum { HM_STRING, HM_PRESENT, HM_RANGE };
-enum { PS_NONE, PS_METHOD, PS_PATH, PS_AUTHORITY, PS_SCHEME, PS_OTHER };
-
-struct hdrm {
-        const char *name;
-        uint32_t name_len;
-        uint8_t kind;
-        uint8_t pseudo;
-        bool present; /* HM_PRESENT: present_match value */
-        bool invert;
-        bool missing_as_empty;
-        struct strm sm;
-        int64_t start, end; /* HM_RANGE: [start, end) */
-};
 
 struct qpm {
         const char *name;
         uint32_t name_len;
         bool has_sm; /* else: present match */
-        struct strm sm;
+        struct wp_strmatch sm;
 };
 
 struct wcluster {
@@ -97,7 +68,7 @@ struct wp_route {
         uint32_t path_len;
         struct wp_re2 *path_re;
         uint32_t rf_num, rf_den;
-        struct hdrm *headers;
+        struct wp_hdrmatch *headers;
         uint32_t n_headers;
         struct qpm *qps;
         uint32_t n_qps;
@@ -172,7 +143,7 @@ struct dom {
 
 struct wp_route_table {
         struct ablock *arena;
-        struct re_node *res;
+        struct wp_match_regex *res;
         const char *name;
         struct vhost *vhosts;
         uint32_t n_vhosts;
@@ -334,33 +305,87 @@ static int copy_str(struct cc *c, const char *field, const char *s, bool lc, con
         return 0;
 }
 
-static int compile_regex(struct cc *c, const Envoy__Type__Matcher__V3__RegexMatcher *rm,
-                         struct wp_re2 **ret)
+/* ---- shared matchers (filters/matcher.h), with this module's arena and error wording ---- */
+
+static void *m_alloc(void *user, size_t n)
 {
-        char err[256];
-        unsigned max = WP_ROUTE_RE2_MAX_PROGRAM_SIZE;
-        struct re_node *node;
+        return a_alloc(user, n);
+}
+
+static int m_fail(void *user, const struct wp_match_error *e)
+{
+        struct cc *c = user;
+        size_t old = c->plen;
         int r;
 
-        if (rm->engine_type_case ==
-                ENVOY__TYPE__MATCHER__V3__REGEX_MATCHER__ENGINE_TYPE_GOOGLE_RE2 &&
-            rm->google_re2 && rm->google_re2->max_program_size)
-                max = rm->google_re2->max_program_size->value;
-        node = a_alloc(c, sizeof(*node));
-        if (!node)
-                return fail_nomem(c);
-        err[0] = 0;
-        r = wp_re2_new(rm->regex, strlen(rm->regex), max, &node->re, err, sizeof(err));
-        if (r == -ENOMEM)
-                return fail_nomem(c);
-        if (r == -E2BIG)
-                return fail(c, -E2BIG, "regex longer than %u bytes", WP_RE2_MAX_PATTERN);
-        if (r < 0)
-                return fail(c, -EINVAL, "invalid regex: %s: %s", err, rm->regex);
-        node->next = c->t->res;
-        c->t->res = node;
-        *ret = node->re;
-        return 0;
+        if (e->where[0])
+                push(c, "%s", e->where);
+        switch (e->code) {
+        case WP_MATCH_E_NOMEM:
+                r = fail_nomem(c);
+                break;
+        case WP_MATCH_E_UNKNOWN_FIELD:
+                r = fail(c, e->err, "field number %u of %s is not supported", e->tag, e->message);
+                break;
+        case WP_MATCH_E_NO_PATTERN:
+                r = fail(c, e->err,
+                         "match_pattern: one of exact, prefix, suffix, contains or safe_regex is "
+                         "required");
+                break;
+        case WP_MATCH_E_CUSTOM:
+                r = fail(c, e->err, "custom: custom string matchers are not supported");
+                break;
+        case WP_MATCH_E_EMPTY:
+        case WP_MATCH_E_EMPTY_LEGACY:
+                r = fail(c, e->err, "%s: must not be empty", e->field);
+                break;
+        case WP_MATCH_E_TOO_LONG:
+                r = fail(c, e->err, "%s: longer than %u bytes", e->field, WP_ROUTE_MAX_STRING);
+                break;
+        case WP_MATCH_E_REGEX_ICASE:
+                r = fail(c, e->err, "ignore_case: has no effect with safe_regex");
+                break;
+        case WP_MATCH_E_REGEX:
+                push(c, "%s", e->field);
+                r = fail(c, e->err, "invalid regex: %s: %s", e->detail, e->pattern);
+                break;
+        case WP_MATCH_E_REGEX_TOO_LONG:
+                push(c, "%s", e->field);
+                r = fail(c, e->err, "regex longer than %u bytes", WP_RE2_MAX_PATTERN);
+                break;
+        case WP_MATCH_E_NAME_EMPTY:
+        case WP_MATCH_E_NAME_INVALID:
+                r = fail(c, e->err, "name: invalid header name \"%s\"", e->pattern);
+                break;
+        case WP_MATCH_E_RANGE:
+                r = fail(c, e->err, "range_match: start must be below end");
+                break;
+        default:
+                r = fail(c, e->err, "invalid matcher");
+                break;
+        }
+        pop(c, old);
+        return r;
+}
+
+static struct wp_match_cc mcc(struct cc *c)
+{
+        return (struct wp_match_cc){.alloc = m_alloc,
+                                    .fail = m_fail,
+                                    .user = c,
+                                    .regexes = &c->t->res,
+                                    .max_string = WP_ROUTE_MAX_STRING,
+                                    .flags = WP_MATCH_HOST_IS_AUTHORITY |
+                                             WP_MATCH_REJECT_EMPTY_RANGE};
+}
+
+/* A RegexMatcher at field (a path component, e.g. "safe_regex"). */
+static int compile_regex(struct cc *c, const Envoy__Type__Matcher__V3__RegexMatcher *rm,
+                         const char *field, struct wp_re2 **ret)
+{
+        struct wp_match_cc m = mcc(c);
+
+        return wp_match_regex_compile(&m, rm, field, ret);
 }
 
 /* ---- unknown fields --------------------------------------------------------------------- */
@@ -428,141 +453,6 @@ static int duration_ms(struct cc *c, const char *field, const Google__Protobuf__
         return 0;
 }
 
-static int compile_strm(struct cc *c, const Envoy__Type__Matcher__V3__StringMatcher *m,
-                        struct strm *out)
-{
-        const char *s = NULL;
-        size_t old;
-        int r;
-
-        out->ignore_case = m->ignore_case;
-        switch (m->match_pattern_case) {
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_EXACT:
-                out->kind = SM_EXACT;
-                s = m->exact;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_PREFIX:
-                out->kind = SM_PREFIX;
-                s = m->prefix;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_SUFFIX:
-                out->kind = SM_SUFFIX;
-                s = m->suffix;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_CONTAINS:
-                out->kind = SM_CONTAINS;
-                s = m->contains;
-                break;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_SAFE_REGEX:
-                out->kind = SM_REGEX;
-                old = push(c, "safe_regex");
-                r = compile_regex(c, m->safe_regex, &out->re);
-                pop(c, old);
-                return r;
-        case ENVOY__TYPE__MATCHER__V3__STRING_MATCHER__MATCH_PATTERN_CUSTOM:
-                return fail(c, -EINVAL, "custom: custom string matchers are not supported");
-        default:
-                return fail(c, -EINVAL,
-                            "match_pattern: one of exact, prefix, suffix, contains "
-                            "or safe_regex is required");
-        }
-        if (out->kind != SM_EXACT && !s[0])
-                return fail(c, -EINVAL, "%s: must not be empty",
-                            out->kind == SM_PREFIX   ? "prefix"
-                            : out->kind == SM_SUFFIX ? "suffix"
-                                                     : "contains");
-        return copy_str(c, "pattern", s, out->ignore_case, &out->s, &out->len);
-}
-
-/* Legacy HeaderMatcher fields (exact_match...) as a case-sensitive string matcher. */
-static int simple_strm(struct cc *c, uint8_t kind, const char *s, const char *field,
-                       struct strm *out)
-{
-        out->kind = kind;
-        out->ignore_case = false;
-        if (kind != SM_EXACT && !s[0])
-                return fail(c, -EINVAL, "%s: must not be empty", field);
-        return copy_str(c, field, s, false, &out->s, &out->len);
-}
-
-static bool valid_header_name(const char *s, size_t n)
-{
-        if (n == 0)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                unsigned char ch = (unsigned char)s[i];
-                if (i == 0 && ch == ':')
-                        continue;
-                if (ch <= 0x20 || ch >= 0x7f || strchr("\"(),/;<=>?@[\\]{}:", ch))
-                        return false;
-        }
-        return true;
-}
-
-static int compile_hdrm(struct cc *c, const Envoy__Config__Route__V3__HeaderMatcher *h,
-                        struct hdrm *out)
-{
-        size_t old;
-        int r = 0;
-        size_t nlen = strlen(h->name);
-
-        if (!valid_header_name(h->name, nlen))
-                return fail(c, -EINVAL, "name: invalid header name \"%s\"", h->name);
-        r = copy_str(c, "name", h->name, true, &out->name, &out->name_len);
-        if (r < 0)
-                return r;
-        if (strcmp(out->name, ":method") == 0)
-                out->pseudo = PS_METHOD;
-        else if (strcmp(out->name, ":path") == 0)
-                out->pseudo = PS_PATH;
-        else if (strcmp(out->name, ":authority") == 0 || strcmp(out->name, "host") == 0)
-                out->pseudo = PS_AUTHORITY;
-        else if (strcmp(out->name, ":scheme") == 0)
-                out->pseudo = PS_SCHEME;
-        else if (out->name[0] == ':')
-                out->pseudo = PS_OTHER;
-        out->invert = h->invert_match;
-        out->missing_as_empty = h->treat_missing_header_as_empty;
-        out->kind = HM_STRING;
-        switch (h->header_match_specifier_case) {
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_EXACT_MATCH:
-                return simple_strm(c, SM_EXACT, h->exact_match, "exact_match", &out->sm);
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_PREFIX_MATCH:
-                return simple_strm(c, SM_PREFIX, h->prefix_match, "prefix_match", &out->sm);
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_SUFFIX_MATCH:
-                return simple_strm(c, SM_SUFFIX, h->suffix_match, "suffix_match", &out->sm);
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_CONTAINS_MATCH:
-                return simple_strm(c, SM_CONTAINS, h->contains_match, "contains_match", &out->sm);
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_SAFE_REGEX_MATCH:
-                out->sm.kind = SM_REGEX;
-                old = push(c, "safe_regex_match");
-                r = compile_regex(c, h->safe_regex_match, &out->sm.re);
-                pop(c, old);
-                return r;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_STRING_MATCH:
-                old = push(c, "string_match");
-                r = compile_strm(c, h->string_match, &out->sm);
-                pop(c, old);
-                return r;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_RANGE_MATCH:
-                out->kind = HM_RANGE;
-                out->start = h->range_match->start;
-                out->end = h->range_match->end;
-                if (out->start >= out->end)
-                        return fail(c, -EINVAL, "range_match: start must be below end");
-                return 0;
-        case ENVOY__CONFIG__ROUTE__V3__HEADER_MATCHER__HEADER_MATCH_SPECIFIER_PRESENT_MATCH:
-                out->kind = HM_PRESENT;
-                out->present = h->present_match;
-                return 0;
-        default:
-                /* no specifier: the header must be present (Envoy) */
-                out->kind = HM_PRESENT;
-                out->present = true;
-                return 0;
-        }
-}
-
 static int compile_qpm(struct cc *c, const Envoy__Config__Route__V3__QueryParameterMatcher *q,
                        struct qpm *out)
 {
@@ -576,9 +466,11 @@ static int compile_qpm(struct cc *c, const Envoy__Config__Route__V3__QueryParame
                 return r;
         if (q->query_parameter_match_specifier_case ==
             ENVOY__CONFIG__ROUTE__V3__QUERY_PARAMETER_MATCHER__QUERY_PARAMETER_MATCH_SPECIFIER_STRING_MATCH) {
+                struct wp_match_cc m = mcc(c);
+
                 out->has_sm = true;
                 old = push(c, "string_match");
-                r = compile_strm(c, q->string_match, &out->sm);
+                r = wp_strmatch_compile(&m, q->string_match, &out->sm);
                 pop(c, old);
                 return r;
         }
@@ -646,7 +538,7 @@ static int compile_header_ops(struct cc *c, const char *add_field,
                 for (size_t i = 0; i < n_rm; i++) {
                         old = push(c, "%s[%zu]", rm_field, i);
                         r = 0;
-                        if (!valid_header_name(rms[i], strlen(rms[i])))
+                        if (!wp_match_header_name_valid(rms[i], strlen(rms[i])))
                                 r = fail(c, -EINVAL, "invalid header name \"%s\"", rms[i]);
                         else
                                 r = copy_str(c, "name", rms[i], true, &s[i].s, &s[i].len);
@@ -675,7 +567,7 @@ static int compile_header_ops(struct cc *c, const char *add_field,
                 r = 0;
                 if (!hv) {
                         r = fail(c, -EINVAL, "header: required");
-                } else if (!valid_header_name(hv->key, strlen(hv->key))) {
+                } else if (!wp_match_header_name_valid(hv->key, strlen(hv->key))) {
                         r = fail(c, -EINVAL, "header.key: invalid header name \"%s\"", hv->key);
                 } else if ((r = copy_str(c, "header.key", hv->key, true, &e->name, &e->name_len)) <
                            0) {
@@ -947,11 +839,7 @@ static int compile_rewrite_regex(struct cc *c,
                 r = fail(c, -EINVAL, "pattern: required");
                 goto out;
         }
-        {
-                size_t o2 = push(c, "pattern");
-                r = compile_regex(c, rs->pattern, &rt->rewrite_re);
-                pop(c, o2);
-        }
+        r = compile_regex(c, rs->pattern, "pattern", &rt->rewrite_re);
         if (r < 0)
                 goto out;
         r = copy_str(c, "substitution", rs->substitution, false, &rt->rewrite_s, &rt->rewrite_len);
@@ -1001,7 +889,8 @@ static int compile_weighted(struct cc *c, const Envoy__Config__Route__V3__Weight
                         r = fail(c, -EINVAL, "name or cluster_header is required");
                 else if (cw->name[0])
                         r = copy_str(c, "name", cw->name, false, &o->name, &o->name_len);
-                else if (!valid_header_name(cw->cluster_header, strlen(cw->cluster_header)))
+                else if (!wp_match_header_name_valid(cw->cluster_header,
+                                                     strlen(cw->cluster_header)))
                         r = fail(c, -EINVAL, "cluster_header: invalid header name");
                 else
                         r = copy_str(c, "cluster_header", cw->cluster_header, true,
@@ -1054,7 +943,7 @@ static int compile_weighted(struct cc *c, const Envoy__Config__Route__V3__Weight
         if (w->random_value_specifier_case ==
                 ENVOY__CONFIG__ROUTE__V3__WEIGHTED_CLUSTER__RANDOM_VALUE_SPECIFIER_HEADER_NAME &&
             w->header_name[0]) {
-                if (!valid_header_name(w->header_name, strlen(w->header_name)))
+                if (!wp_match_header_name_valid(w->header_name, strlen(w->header_name)))
                         return fail(c, -EINVAL, "header_name: invalid header name");
                 return copy_str(c, "header_name", w->header_name, true, &rt->wc_random_header,
                                 NULL);
@@ -1083,8 +972,8 @@ static int compile_hash(struct cc *c, const Envoy__Config__Route__V3__RouteActio
                 switch (hp->policy_specifier_case) {
                 case ENVOY__CONFIG__ROUTE__V3__ROUTE_ACTION__HASH_POLICY__POLICY_SPECIFIER_HEADER:
                         o->kind = WP_ROUTE_HASH_HEADER;
-                        if (!valid_header_name(hp->header->header_name,
-                                               strlen(hp->header->header_name)))
+                        if (!wp_match_header_name_valid(hp->header->header_name,
+                                                        strlen(hp->header->header_name)))
                                 r = fail(c, -EINVAL, "header.header_name: invalid header name");
                         else if (hp->header->regex_rewrite)
                                 r = fail(c, -EINVAL, "header.regex_rewrite: not supported");
@@ -1159,7 +1048,7 @@ static int compile_mirrors(struct cc *c, const Envoy__Config__Route__V3__RouteAc
                 else if (m->cluster[0])
                         r = copy_str(c, "cluster", m->cluster, false, &o->cluster, NULL);
                 else if (m->cluster_header[0] &&
-                         valid_header_name(m->cluster_header, strlen(m->cluster_header)))
+                         wp_match_header_name_valid(m->cluster_header, strlen(m->cluster_header)))
                         r = copy_str(c, "cluster_header", m->cluster_header, true,
                                      &o->cluster_header, NULL);
                 else
@@ -1230,7 +1119,7 @@ static int compile_route_action(struct cc *c, const Envoy__Config__Route__V3__Ro
                 break;
         case ENVOY__CONFIG__ROUTE__V3__ROUTE_ACTION__CLUSTER_SPECIFIER_CLUSTER_HEADER:
                 rt->cluster_kind = CK_HEADER;
-                if (!valid_header_name(ra->cluster_header, strlen(ra->cluster_header)))
+                if (!wp_match_header_name_valid(ra->cluster_header, strlen(ra->cluster_header)))
                         return fail(c, -EINVAL, "cluster_header: invalid header name");
                 r = copy_str(c, "cluster_header", ra->cluster_header, true, &rt->cluster, NULL);
                 break;
@@ -1292,7 +1181,8 @@ static int compile_route_action(struct cc *c, const Envoy__Config__Route__V3__Ro
                         rt->host_rewrite_kind = HR_AUTO;
                 break;
         case ENVOY__CONFIG__ROUTE__V3__ROUTE_ACTION__HOST_REWRITE_SPECIFIER_HOST_REWRITE_HEADER:
-                if (!valid_header_name(ra->host_rewrite_header, strlen(ra->host_rewrite_header)))
+                if (!wp_match_header_name_valid(ra->host_rewrite_header,
+                                                strlen(ra->host_rewrite_header)))
                         return fail(c, -EINVAL, "host_rewrite_header: invalid header name");
                 rt->host_rewrite_kind = HR_HEADER;
                 r = copy_str(c, "host_rewrite_header", ra->host_rewrite_header, true,
@@ -1502,9 +1392,7 @@ static int compile_match(struct cc *c, const Envoy__Config__Route__V3__RouteMatc
         }
         case ENVOY__CONFIG__ROUTE__V3__ROUTE_MATCH__PATH_SPECIFIER_SAFE_REGEX:
                 rt->path_kind = PK_REGEX;
-                old = push(c, "safe_regex");
-                r = compile_regex(c, m->safe_regex, &rt->path_re);
-                pop(c, old);
+                r = compile_regex(c, m->safe_regex, "safe_regex", &rt->path_re);
                 break;
         case ENVOY__CONFIG__ROUTE__V3__ROUTE_MATCH__PATH_SPECIFIER_CONNECT_MATCHER:
                 rt->path_kind = PK_CONNECT;
@@ -1525,9 +1413,11 @@ static int compile_match(struct cc *c, const Envoy__Config__Route__V3__RouteMatc
                 rt->headers = a_array(c, m->n_headers, sizeof(*rt->headers));
                 if (!rt->headers)
                         return fail_nomem(c);
+                struct wp_match_cc mc = mcc(c);
+
                 for (size_t i = 0; i < m->n_headers; i++) {
                         old = push(c, "headers[%zu]", i);
-                        r = compile_hdrm(c, m->headers[i], &rt->headers[i]);
+                        r = wp_hdrmatch_compile(&mc, m->headers[i], &rt->headers[i]);
                         pop(c, old);
                         if (r < 0)
                                 return r;
@@ -1800,8 +1690,7 @@ struct wp_route_table *wp_route_table_free(struct wp_route_table *t)
         if (!t)
                 return NULL;
         wp_route_table_foreach_filter_config(t, free_fc, NULL);
-        for (struct re_node *n = t->res; n; n = n->next)
-                wp_re2_free(n->re);
+        wp_match_regexes_free(t->res);
         for (struct ablock *b = t->arena, *next; b; b = next) {
                 next = b->next;
                 wp_free(b);
@@ -1993,148 +1882,10 @@ static bool eq_at(const char *v, const char *pat, size_t n, bool ic)
         return ic ? eq_lc(v, pat, n) : memcmp(v, pat, n) == 0;
 }
 
-static bool sm_match(const struct strm *m, const char *v, size_t n)
+static bool hdrm_match(const struct wp_http_request *req, const struct wp_hdrmatch *hm, char *jbuf)
 {
-        switch (m->kind) {
-        case SM_EXACT:
-                return n == m->len && eq_at(v, m->s, n, m->ignore_case);
-        case SM_PREFIX:
-                return n >= m->len && eq_at(v, m->s, m->len, m->ignore_case);
-        case SM_SUFFIX:
-                return n >= m->len && eq_at(v + n - m->len, m->s, m->len, m->ignore_case);
-        case SM_CONTAINS:
-                if (m->len > n)
-                        return false;
-                for (size_t i = 0; i + m->len <= n; i++)
-                        if (eq_at(v + i, m->s, m->len, m->ignore_case))
-                                return true;
-                return false;
-        case SM_REGEX:
-                return wp_re2_full_match(m->re, v, n);
-        }
-        return false;
-}
-
-/* Envoy's absl::SimpleAtoi: optional surrounding whitespace, optional sign, digits. */
-static bool parse_i64(const char *s, size_t n, int64_t *ret)
-{
-        size_t i = 0;
-        bool neg = false;
-        uint64_t v = 0;
-
-        while (i < n && (s[i] == ' ' || s[i] == '\t'))
-                i++;
-        while (n > i && (s[n - 1] == ' ' || s[n - 1] == '\t'))
-                n--;
-        if (i < n && (s[i] == '+' || s[i] == '-'))
-                neg = s[i++] == '-';
-        if (i == n)
-                return false;
-        for (; i < n; i++) {
-                if (s[i] < '0' || s[i] > '9')
-                        return false;
-                if (v > (UINT64_C(1) << 63) / 10)
-                        return false;
-                v = v * 10 + (uint64_t)(s[i] - '0');
-                if (v > (UINT64_C(1) << 63))
-                        return false;
-        }
-        if (!neg && v > INT64_MAX)
-                return false;
-        *ret = neg ? (int64_t)(0 - v) : (int64_t)v;
-        return true;
-}
-
-/* The value of header hm for req: NULL when absent; joined with ',' into jbuf when repeated. */
-static const char *header_value_of(const struct wp_http_request *req, const struct hdrm *hm,
-                                   char *jbuf, size_t *ret_len, bool *ret_too_long)
-{
-        const char *v = NULL;
-        size_t n = 0, cnt = 0;
-
-        *ret_too_long = false;
-        switch (hm->pseudo) {
-        case PS_METHOD:
-                v = req->method;
-                break;
-        case PS_PATH:
-                v = req->path;
-                break;
-        case PS_AUTHORITY:
-                v = req->authority;
-                break;
-        case PS_SCHEME:
-                v = req->scheme;
-                break;
-        case PS_OTHER:
-                return NULL;
-        default:
-                for (uint32_t i = 0; i < req->headers.n; i++) {
-                        const struct wp_header *h = &req->headers.v[i];
-
-                        if (h->name_len != hm->name_len || memcmp(h->name, hm->name, hm->name_len))
-                                continue;
-                        if (cnt == 0) {
-                                v = h->value;
-                                n = h->value_len;
-                        } else {
-                                if (cnt == 1) {
-                                        if (n > WP_ROUTE_MAX_JOINED_HEADER) {
-                                                *ret_too_long = true;
-                                                return NULL;
-                                        }
-                                        memcpy(jbuf, v, n);
-                                        v = jbuf;
-                                }
-                                if (n + 1 + h->value_len > WP_ROUTE_MAX_JOINED_HEADER) {
-                                        *ret_too_long = true;
-                                        return NULL;
-                                }
-                                jbuf[n++] = ',';
-                                memcpy(jbuf + n, h->value, h->value_len);
-                                n += h->value_len;
-                        }
-                        cnt++;
-                }
-                *ret_len = n;
-                return v;
-        }
-        if (v)
-                *ret_len = strlen(v);
-        return v;
-}
-
-static bool hdrm_match(const struct wp_http_request *req, const struct hdrm *hm, char *jbuf)
-{
-        size_t n = 0;
-        bool too_long;
-        const char *v = header_value_of(req, hm, jbuf, &n, &too_long);
-        bool m;
-
-        if (too_long)
-                return false;
-        if (!v) {
-                if (!hm->missing_as_empty)
-                        /* Envoy: a missing header matches only "present_match: false", or
-                         * "present_match: true" inverted. */
-                        return hm->kind == HM_PRESENT && hm->present == hm->invert;
-                v = "";
-                n = 0;
-        }
-        switch (hm->kind) {
-        case HM_PRESENT:
-                m = hm->present;
-                break;
-        case HM_RANGE: {
-                int64_t x;
-                m = parse_i64(v, n, &x) && x >= hm->start && x < hm->end;
-                break;
-        }
-        default:
-                m = sm_match(&hm->sm, v, n);
-                break;
-        }
-        return m != hm->invert;
+        /* a repeated header too long to join fails the matcher, inverted or not */
+        return wp_hdrmatch_match(hm, req, jbuf, WP_ROUTE_MAX_JOINED_HEADER) == 1;
 }
 
 /* First value of query parameter name in the query q[0..n) (not decoded, as Envoy). */
@@ -2223,7 +1974,7 @@ static bool route_matches(const struct wp_route *rt, const struct wp_http_reques
 
                         if (!query_param(q, qn, qp->name, qp->name_len, &v, &vn))
                                 return false;
-                        if (qp->has_sm && !sm_match(&qp->sm, v, vn))
+                        if (qp->has_sm && !wp_strmatch_match(&qp->sm, v, vn))
                                 return false;
                 }
         }

@@ -30,9 +30,12 @@
  *     rejected at compile time; "%%" stands for a literal '%'.
  *   - Unknown protobuf fields (fields this proxy's proto subset does not know, as received over
  *     ADS) are rejected rather than ignored.
- *   - The regex program size limit defaults to WP_ROUTE_RE2_MAX_PROGRAM_SIZE, the value Istio's
+ *   - The regex program size limit defaults to WP_MATCH_RE2_MAX_PROGRAM_SIZE, the value Istio's
  *     bootstrap gives re2.max_program_size.error_level (Envoy's own default is 100);
  *     google_re2.max_program_size, when set, takes precedence.
+ *   - A header matcher on "host" reads :authority, and a range_match whose start is not below
+ *     its end is rejected.
+ * String and header matchers are filters/matcher.h's, shared with RBAC.
  */
 #ifndef WP_ROUTER_H
 #define WP_ROUTER_H
@@ -53,7 +56,6 @@
 #define WP_ROUTE_MAX_WEIGHTED         256    /* clusters in one weighted_clusters */
 #define WP_ROUTE_MAX_STRING           16384  /* any one string (domain, header value, path...) */
 #define WP_ROUTE_MAX_JOINED_HEADER    8192   /* a repeated header's values joined, for matching */
-#define WP_ROUTE_RE2_MAX_PROGRAM_SIZE 32768
 
 #define WP_ROUTE_DEFAULT_TIMEOUT_MS      15000 /* RouteAction.timeout unset */
 #define WP_ROUTE_DEFAULT_BACKOFF_BASE_MS 25
