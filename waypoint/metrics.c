@@ -33,10 +33,29 @@ enum { FAM_HTTP, FAM_TCP, NFAM };
 static const uint64_t int_bounds[NBOUNDS - 1] = {1,     5,     10,     25,     50,      100,
                                                  250,   500,   1000,   2500,   5000,    10000,
                                                  30000, 60000, 300000, 600000, 1800000, 3600000};
-static const char *const le_text[NSLOTS] = {"0.5",    "1",      "5",       "10",      "25",
-                                            "50",     "100",    "250",     "500",     "1000",
-                                            "2500",   "5000",   "10000",   "30000",   "60000",
-                                            "300000", "600000", "1800000", "3600000", "+Inf"};
+/* A string literal with its length, for the renderer's fixed pieces (no strlen per line),
+ * padded so that it is copied with one fixed-size (inlined) move. LIT() fails to compile (a
+ * negative array size) when x does not fit. */
+#define LIT_MAX 48
+struct lit {
+        char s[LIT_MAX];
+        size_t n;
+};
+#define LIT(x)                                                                                     \
+        {                                                                                          \
+                x, sizeof(x) - 1 + 0 * sizeof(char[LIT_MAX + 1 - sizeof(x)])                       \
+        }
+
+/* What follows the labels on a bucket line: the bound, as Envoy prints it, and the brace. */
+static const struct lit le_text[NSLOTS] = {
+        LIT(",le=\"0.5\"} "),     LIT(",le=\"1\"} "),      LIT(",le=\"5\"} "),
+        LIT(",le=\"10\"} "),      LIT(",le=\"25\"} "),     LIT(",le=\"50\"} "),
+        LIT(",le=\"100\"} "),     LIT(",le=\"250\"} "),    LIT(",le=\"500\"} "),
+        LIT(",le=\"1000\"} "),    LIT(",le=\"2500\"} "),   LIT(",le=\"5000\"} "),
+        LIT(",le=\"10000\"} "),   LIT(",le=\"30000\"} "),  LIT(",le=\"60000\"} "),
+        LIT(",le=\"300000\"} "),  LIT(",le=\"600000\"} "), LIT(",le=\"1800000\"} "),
+        LIT(",le=\"3600000\"} "), LIT(",le=\"+Inf\"} "),
+};
 
 /* Value words of a series. HTTP: requests, then 3 histograms of NSLOTS buckets + sum. */
 enum { HIST_DURATION, HIST_REQ_BYTES, HIST_RESP_BYTES, NHIST };
@@ -47,29 +66,30 @@ enum { TV_OPENED, TV_CLOSED, TV_SENT, TV_RECEIVED, N_TCP_VALUES };
 
 static const unsigned n_values[NFAM] = {N_HTTP_VALUES, N_TCP_VALUES};
 
-static const char *const label_names[_WP_ML_MAX] = {
-        "source_workload",
-        "source_canonical_service",
-        "source_canonical_revision",
-        "source_workload_namespace",
-        "source_principal",
-        "source_app",
-        "source_version",
-        "source_cluster",
-        "destination_workload",
-        "destination_workload_namespace",
-        "destination_principal",
-        "destination_app",
-        "destination_version",
-        "destination_service",
-        "destination_canonical_service",
-        "destination_canonical_revision",
-        "destination_service_name",
-        "destination_service_namespace",
-        "destination_cluster",
-        "request_protocol",
-        "response_flags",
-        "connection_security_policy",
+/* The text before each label value: separator, name, opening quote. */
+static const struct lit label_open[_WP_ML_MAX] = {
+        LIT(",source_workload=\""),
+        LIT(",source_canonical_service=\""),
+        LIT(",source_canonical_revision=\""),
+        LIT(",source_workload_namespace=\""),
+        LIT(",source_principal=\""),
+        LIT(",source_app=\""),
+        LIT(",source_version=\""),
+        LIT(",source_cluster=\""),
+        LIT(",destination_workload=\""),
+        LIT(",destination_workload_namespace=\""),
+        LIT(",destination_principal=\""),
+        LIT(",destination_app=\""),
+        LIT(",destination_version=\""),
+        LIT(",destination_service=\""),
+        LIT(",destination_canonical_service=\""),
+        LIT(",destination_canonical_revision=\""),
+        LIT(",destination_service_name=\""),
+        LIT(",destination_service_namespace=\""),
+        LIT(",destination_cluster=\""),
+        LIT(",request_protocol=\""),
+        LIT(",response_flags=\""),
+        LIT(",connection_security_policy=\""),
 };
 
 #define ARENA_CHUNK (64u * 1024u)
@@ -79,6 +99,7 @@ static const char *const label_names[_WP_ML_MAX] = {
 struct istr {
         uint64_t hash;
         uint32_t len;
+        bool plain; /* no byte the text format escapes: backslash, quote, newline */
         char s[];
 };
 
@@ -330,6 +351,18 @@ static int intern_grow(struct wp_metrics_shard *sh)
         return 0;
 }
 
+/* True when s holds a byte the text format escapes in a label value. */
+static bool needs_escape(const char *s, size_t n)
+{
+        size_t i;
+
+        for (i = 0; i < n; i++) {
+                if (s[i] == '\\' || s[i] == '"' || s[i] == '\n')
+                        return true;
+        }
+        return false;
+}
+
 static const struct istr *intern(struct wp_metrics_shard *sh, const struct wp_mstr *v, uint64_t h)
 {
         struct intern *in = &sh->in;
@@ -349,6 +382,7 @@ static const struct istr *intern(struct wp_metrics_shard *sh, const struct wp_ms
                 return NULL;
         s->hash = h;
         s->len = v->n;
+        s->plain = !needs_escape(v->p, v->n);
         if (v->n)
                 memcpy(s->s, v->p, v->n);
         s->s[v->n] = 0;
@@ -794,12 +828,22 @@ struct bbuf {
         size_t len, cap;
 };
 
-static void bb_put(struct bbuf *b, const char *s, size_t n)
+static inline void bb_put(struct bbuf *b, const char *s, size_t n)
 {
         if (n > b->cap - b->len)
                 return;
         memcpy(b->p + b->len, s, n);
         b->len += n;
+}
+
+static inline void bb_lit(struct bbuf *b, const struct lit *l)
+{
+        if (b->cap - b->len >= LIT_MAX) { /* the padding lands in room not yet used */
+                memcpy(b->p + b->len, l->s, LIT_MAX);
+                b->len += l->n;
+        } else {
+                bb_put(b, l->s, l->n);
+        }
 }
 
 static void bb_str(struct bbuf *b, const char *s)
@@ -821,52 +865,69 @@ static size_t fmt_u64(char *b, uint64_t v)
         return n;
 }
 
-static void bb_u64(struct bbuf *b, uint64_t v)
+static inline void bb_u64(struct bbuf *b, uint64_t v)
 {
         char num[24];
 
-        bb_put(b, num, fmt_u64(num, v));
+        if (b->cap - b->len >= 20) /* the longest 64-bit number */
+                b->len += fmt_u64(b->p + b->len, v);
+        else
+                bb_put(b, num, fmt_u64(num, v));
 }
 
-/* Label value escaping of the text format: \ " and newline. */
+/* Label value escaping of the text format: \ " and newline. Runs of plain bytes are copied
+ * whole. */
 static void bb_escaped(struct bbuf *b, const char *s, size_t n)
 {
-        size_t i;
+        size_t i, from = 0;
 
         for (i = 0; i < n; i++) {
-                if (s[i] == '\\' || s[i] == '"')
-                        bb_put(b, "\\", 1);
-                if (s[i] == '\n')
-                        bb_put(b, "\\n", 2);
+                const char *rep;
+
+                if (s[i] == '\\')
+                        rep = "\\\\";
+                else if (s[i] == '"')
+                        rep = "\\\"";
+                else if (s[i] == '\n')
+                        rep = "\\n";
                 else
-                        bb_put(b, &s[i], 1);
+                        continue;
+                bb_put(b, s + from, i - from);
+                bb_put(b, rep, 2);
+                from = i + 1;
         }
+        bb_put(b, s + from, n - from);
 }
 
-static void bb_label(struct bbuf *b, const char *name, const char *v, size_t n)
-{
-        bb_put(b, ",", 1);
-        bb_str(b, name);
-        bb_put(b, "=\"", 2);
-        bb_escaped(b, v, n);
-        bb_put(b, "\"", 1);
-}
-
-/* Label text of one series, without braces: reporter="waypoint",source_workload="...",... */
+/* Label text of one series, without braces: reporter="waypoint",source_workload="...",...
+ * Formatted once per series and section, then copied into each of its sample lines. */
 static void format_labels(struct bbuf *b, const struct series *s)
 {
+        static const struct lit reporter = LIT("reporter=\"waypoint\""),
+                                code = LIT(",response_code=\""),
+                                grpc = LIT("\",grpc_response_status=\"");
         char num[24];
         unsigned i;
 
         b->len = 0;
-        bb_str(b, "reporter=\"waypoint\"");
+        bb_lit(b, &reporter);
         for (i = 0; i < _WP_ML_MAX; i++) {
+                const struct istr *v = s->lv[i];
+
                 if (i == WP_ML_RESPONSE_FLAGS && s->fam == FAM_HTTP) {
-                        bb_label(b, "response_code", num, fmt_u64(num, s->code));
-                        bb_label(b, "grpc_response_status", num,
-                                 s->grpc < 0 ? 0 : fmt_u64(num, (uint64_t)s->grpc));
+                        bb_lit(b, &code);
+                        bb_put(b, num, fmt_u64(num, s->code));
+                        bb_lit(b, &grpc);
+                        if (s->grpc >= 0)
+                                bb_put(b, num, fmt_u64(num, (uint64_t)s->grpc));
+                        bb_put(b, "\"", 1);
                 }
-                bb_label(b, label_names[i], s->lv[i]->s, s->lv[i]->len);
+                bb_lit(b, &label_open[i]);
+                if (v->plain)
+                        bb_put(b, v->s, v->len);
+                else
+                        bb_escaped(b, v->s, v->len);
+                bb_put(b, "\"", 1);
         }
 }
 
@@ -897,15 +958,32 @@ static int cmp_series(const void *pa, const void *pb)
 }
 
 /* Published series of one family over all shards, sorted by label tuple: equal tuples from
- * different shards are adjacent (a run) and are summed. 8 bytes per series. */
+ * different shards are adjacent (a run) and are summed. 8 bytes per series. A run is marked
+ * once, when the view is built: the entry of a series whose tuple equals its predecessor's
+ * has its low bit set (series are 16-byte aligned arena objects), so the sections, which walk
+ * the view one after another, need not compare tuples again. */
 struct famview {
         struct series **v;
         uint32_t n;
 };
 
+#define RUN_NEXT ((uintptr_t)1)
+_Static_assert(_Alignof(struct series) > 1, "the low bit of a series pointer is free");
+
+static inline const struct series *fv_at(const struct famview *fv, uint32_t i)
+{
+        return (const struct series *)((uintptr_t)fv->v[i] & ~RUN_NEXT);
+}
+
+static inline bool fv_same_as_previous(const struct famview *fv, uint32_t i)
+{
+        return ((uintptr_t)fv->v[i] & RUN_NEXT) != 0;
+}
+
 static int famview_build(struct wp_metrics *m, int fam, struct famview *fv)
 {
         uint32_t total = 0, pub[WP_METRICS_MAX_SHARDS], i, j;
+        struct series *prev, *cur;
 
         memset(fv, 0, sizeof(*fv));
         for (i = 0; i < m->n_shards; i++) {
@@ -924,6 +1002,13 @@ static int famview_build(struct wp_metrics *m, int fam, struct famview *fv)
                         fv->v[fv->n++] = dir_get(t, j);
         }
         qsort(fv->v, fv->n, sizeof(*fv->v), cmp_series);
+        prev = fv->v[0];
+        for (i = 1; i < fv->n; i++) {
+                cur = fv->v[i];
+                if (cmp_series(&prev, &cur) == 0)
+                        fv->v[i] = (struct series *)((uintptr_t)cur | RUN_NEXT);
+                prev = cur;
+        }
         return 0;
 }
 
@@ -935,26 +1020,40 @@ static const struct section {
         int fam;
         unsigned what; /* counter: value word; histogram: HIST_* */
         const char *name, *type, *help;
+        struct lit open[3]; /* counter: "name{"; histogram: "name_bucket{", "_sum{", "_count{" */
 } sections[] = {
-        {SEC_COUNTER, FAM_HTTP, HV_REQUESTS, "istio_requests_total", "counter",
-         "Requests handled by the waypoint."},
-        {SEC_COUNTER, FAM_TCP, TV_CLOSED, "istio_tcp_connections_closed_total", "counter",
-         "TCP connections closed."},
-        {SEC_COUNTER, FAM_TCP, TV_OPENED, "istio_tcp_connections_opened_total", "counter",
-         "TCP connections opened."},
-        {SEC_COUNTER, FAM_TCP, TV_RECEIVED, "istio_tcp_received_bytes_total", "counter",
-         "Bytes received from the downstream peer on TCP connections."},
-        {SEC_COUNTER, FAM_TCP, TV_SENT, "istio_tcp_sent_bytes_total", "counter",
-         "Bytes sent to the downstream peer on TCP connections."},
+#define COUNTER(fam, word, name, help)                                                             \
+        {                                                                                          \
+                SEC_COUNTER, (fam), (word), name, "counter", help,                                 \
+                {                                                                                  \
+                        LIT(name "{")                                                              \
+                }                                                                                  \
+        }
+#define HISTOGRAM(what, name, help)                                                                \
+        {                                                                                          \
+                SEC_HIST, FAM_HTTP, (what), name, "histogram", help,                               \
+                {                                                                                  \
+                        LIT(name "_bucket{"), LIT(name "_sum{"), LIT(name "_count{")               \
+                }                                                                                  \
+        }
+        COUNTER(FAM_HTTP, HV_REQUESTS, "istio_requests_total", "Requests handled by the waypoint."),
+        COUNTER(FAM_TCP, TV_CLOSED, "istio_tcp_connections_closed_total",
+                "TCP connections closed."),
+        COUNTER(FAM_TCP, TV_OPENED, "istio_tcp_connections_opened_total",
+                "TCP connections opened."),
+        COUNTER(FAM_TCP, TV_RECEIVED, "istio_tcp_received_bytes_total",
+                "Bytes received from the downstream peer on TCP connections."),
+        COUNTER(FAM_TCP, TV_SENT, "istio_tcp_sent_bytes_total",
+                "Bytes sent to the downstream peer on TCP connections."),
         {SEC_OVERFLOW, 0, 0, "istio_waypoint_metrics_overflow_total", "counter",
          "Observations dropped because the metric label-set cap was reached."},
         {SEC_BUILD, 0, 0, "istio_build", "gauge", "Istio component build information."},
-        {SEC_HIST, FAM_HTTP, HIST_REQ_BYTES, "istio_request_bytes", "histogram",
-         "Request sizes in bytes."},
-        {SEC_HIST, FAM_HTTP, HIST_DURATION, "istio_request_duration_milliseconds", "histogram",
-         "Request durations in milliseconds."},
-        {SEC_HIST, FAM_HTTP, HIST_RESP_BYTES, "istio_response_bytes", "histogram",
-         "Response sizes in bytes."},
+        HISTOGRAM(HIST_REQ_BYTES, "istio_request_bytes", "Request sizes in bytes."),
+        HISTOGRAM(HIST_DURATION, "istio_request_duration_milliseconds",
+                  "Request durations in milliseconds."),
+        HISTOGRAM(HIST_RESP_BYTES, "istio_response_bytes", "Response sizes in bytes."),
+#undef COUNTER
+#undef HISTOGRAM
 };
 
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
@@ -963,18 +1062,28 @@ static const struct section {
  * _count. */
 #define HIST_LINES (NSLOTS + 2)
 
+/* A unit of the page: a section's header, a whole small section (overflow, build), or one
+ * sample line of the current run. */
+enum unit_kind { UNIT_HEADER, UNIT_SECTION, UNIT_SAMPLE };
+
 struct wp_metrics_page {
         struct wp_metrics *m;
         struct famview fv[NFAM];
         struct bbuf lb;                 /* label text of the current run */
-        struct bbuf line;               /* the unit being copied out: header, or one sample line */
+        struct bbuf line;               /* a unit that did not fit the reader's buffer */
         size_t line_off;                /* bytes of line already copied out */
+        size_t fixed;                   /* bound of a unit's bytes besides lb's */
         size_t bytes;                   /* heap held by the page */
         unsigned sec;                   /* current section; NSECTIONS: end of page */
         bool in_body;                   /* false: the section's header comes next */
         uint32_t run, run_end;          /* current run [run, run_end) of the section's famview */
         unsigned step;                  /* next line of the current run; 0: run not started */
         uint64_t slot[NSLOTS + 1], cum; /* histogram of the current run, read once */
+        /* the unit next_unit produced: */
+        enum unit_kind unit;
+        unsigned usec;  /* its section */
+        unsigned ustep; /* histogram line 1..HIST_LINES */
+        uint64_t uval;  /* sample value */
 };
 
 static uint64_t run_sum(const struct wp_metrics_page *pg, int fam, unsigned word)
@@ -984,55 +1093,49 @@ static uint64_t run_sum(const struct wp_metrics_page *pg, int fam, unsigned word
         uint32_t i;
 
         for (i = pg->run; i < pg->run_end; i++)
-                sum += CTR_GET(fv->v[i]->v[word]);
+                sum += CTR_GET(fv_at(fv, i)->v[word]);
         return sum;
 }
 
-/* Starts the run at index i of fam's view: finds its end, formats its labels. */
-static void run_start(struct wp_metrics_page *pg, int fam, uint32_t i)
+/* Asks the CPU for the memory the next runs will read: the series (and their label strings)
+ * are spread over the shards' arenas, far bigger than the caches at high cardinality, and
+ * each miss would otherwise stall the formatting of a run. */
+#define PREFETCH_SERIES  8 /* distances, in series, ahead of the run being started */
+#define PREFETCH_STRINGS 4
+static void prefetch_runs(const struct famview *fv, uint32_t e, unsigned word, unsigned n_words)
+{
+        const struct series *s;
+        unsigned i;
+
+        if (e + PREFETCH_SERIES < fv->n) {
+                s = fv_at(fv, e + PREFETCH_SERIES);
+                for (i = 0; i < sizeof(s->lv); i += 64)
+                        __builtin_prefetch((const char *)s->lv + i);
+                for (i = 0; i < n_words * sizeof(uint64_t); i += 64)
+                        __builtin_prefetch((const char *)&s->v[word] + i);
+                __builtin_prefetch(&s->v[word + n_words - 1]);
+        }
+        if (e + PREFETCH_STRINGS < fv->n) {
+                s = fv_at(fv, e + PREFETCH_STRINGS);
+                for (i = 0; i < _WP_ML_MAX; i++)
+                        __builtin_prefetch(s->lv[i]);
+        }
+}
+
+/* Starts the run at index i of fam's view: finds its end, formats its labels. The section
+ * reads value words [word, word + n_words) of each series. */
+static void run_start(struct wp_metrics_page *pg, int fam, uint32_t i, unsigned word,
+                      unsigned n_words)
 {
         const struct famview *fv = &pg->fv[fam];
         uint32_t e = i + 1;
 
-        while (e < fv->n && cmp_series(&fv->v[i], &fv->v[e]) == 0)
+        while (e < fv->n && fv_same_as_previous(fv, e))
                 e++;
         pg->run = i;
         pg->run_end = e;
-        format_labels(&pg->lb, fv->v[i]);
-}
-
-/* One histogram line of the current run (step 1..HIST_LINES). */
-static void hist_line(struct wp_metrics_page *pg, const struct section *s, unsigned step)
-{
-        struct bbuf *b = &pg->line;
-        unsigned i;
-
-        if (step == 1) { /* one read of every word: the histogram is self-consistent */
-                for (i = 0; i <= NSLOTS; i++)
-                        pg->slot[i] = run_sum(pg, s->fam, HV_HIST(s->what) + i);
-                pg->cum = 0;
-        }
-        bb_str(b, s->name);
-        if (step <= NSLOTS) {
-                pg->cum += pg->slot[step - 1];
-                bb_put(b, "_bucket{", 8);
-                bb_put(b, pg->lb.p, pg->lb.len);
-                bb_put(b, ",le=\"", 5);
-                bb_str(b, le_text[step - 1]);
-                bb_put(b, "\"} ", 3);
-                bb_u64(b, pg->cum);
-        } else if (step == NSLOTS + 1) {
-                bb_put(b, "_sum{", 5);
-                bb_put(b, pg->lb.p, pg->lb.len);
-                bb_put(b, "} ", 2);
-                bb_u64(b, pg->slot[NSLOTS]);
-        } else {
-                bb_put(b, "_count{", 7);
-                bb_put(b, pg->lb.p, pg->lb.len);
-                bb_put(b, "} ", 2);
-                bb_u64(b, pg->cum);
-        }
-        bb_put(b, "\n", 1);
+        prefetch_runs(fv, e, word, n_words);
+        format_labels(&pg->lb, fv_at(fv, i));
 }
 
 static void next_section(struct wp_metrics_page *pg)
@@ -1043,55 +1146,28 @@ static void next_section(struct wp_metrics_page *pg)
         pg->step = 0;
 }
 
-/* Produces the next unit of the page into pg->line. Returns false at the end of the page. */
+/* Moves the cursor to the next unit of the page and reads the values it shows (pg->unit,
+ * usec, ustep, uval); emit() writes its text. Returns false at the end of the page. */
 static bool next_unit(struct wp_metrics_page *pg)
 {
-        struct bbuf *b = &pg->line;
-
-        b->len = 0;
-        pg->line_off = 0;
         while (pg->sec < NSECTIONS) {
                 const struct section *s = &sections[pg->sec];
                 const struct famview *fv = &pg->fv[s->fam];
 
+                pg->usec = pg->sec;
                 if ((s->kind == SEC_COUNTER || s->kind == SEC_HIST) && !fv->n) {
                         next_section(pg); /* a family without series has no header */
                         continue;
                 }
                 if (!pg->in_body) {
                         pg->in_body = true;
-                        bb_str(b, "# HELP ");
-                        bb_str(b, s->name);
-                        bb_str(b, " ");
-                        bb_str(b, s->help);
-                        bb_str(b, "\n# TYPE ");
-                        bb_str(b, s->name);
-                        bb_str(b, " ");
-                        bb_str(b, s->type);
-                        bb_str(b, "\n");
+                        pg->unit = UNIT_HEADER;
                         return true;
                 }
                 switch (s->kind) {
-                case SEC_OVERFLOW: {
-                        static const char *const fam_name[NFAM] = {"http", "tcp"};
-                        struct wp_metrics_stats st;
-                        unsigned f;
-
-                        wp_metrics_get_stats(pg->m, &st);
-                        for (f = 0; f < NFAM; f++) {
-                                bb_str(b, "istio_waypoint_metrics_overflow_total{family=\"");
-                                bb_str(b, fam_name[f]);
-                                bb_str(b, "\"} ");
-                                bb_u64(b, st.overflow[f]);
-                                bb_put(b, "\n", 1);
-                        }
-                        next_section(pg);
-                        return true;
-                }
+                case SEC_OVERFLOW:
                 case SEC_BUILD:
-                        bb_str(b, "istio_build{component=\"proxy\",tag=\"");
-                        bb_escaped(b, pg->m->istio_version, strlen(pg->m->istio_version));
-                        bb_str(b, "\"} 1\n");
+                        pg->unit = UNIT_SECTION;
                         next_section(pg);
                         return true;
                 case SEC_COUNTER:
@@ -1099,28 +1175,89 @@ static bool next_unit(struct wp_metrics_page *pg)
                                 next_section(pg);
                                 continue;
                         }
-                        run_start(pg, s->fam, pg->run_end);
-                        bb_str(b, s->name);
-                        bb_put(b, "{", 1);
-                        bb_put(b, pg->lb.p, pg->lb.len);
-                        bb_put(b, "} ", 2);
-                        bb_u64(b, run_sum(pg, s->fam, s->what));
-                        bb_put(b, "\n", 1);
+                        run_start(pg, s->fam, pg->run_end, s->what, 1);
+                        pg->unit = UNIT_SAMPLE;
+                        pg->uval = run_sum(pg, s->fam, s->what);
                         return true;
                 case SEC_HIST:
                         if (pg->step == 0 || pg->step > HIST_LINES) {
+                                unsigned i;
+
                                 if (pg->run_end >= fv->n) {
                                         next_section(pg);
                                         continue;
                                 }
-                                run_start(pg, s->fam, pg->run_end);
+                                run_start(pg, s->fam, pg->run_end, HV_HIST(s->what), NSLOTS + 1);
+                                /* one read of every word: the histogram is self-consistent */
+                                for (i = 0; i <= NSLOTS; i++)
+                                        pg->slot[i] = run_sum(pg, s->fam, HV_HIST(s->what) + i);
+                                pg->cum = 0;
                                 pg->step = 1;
                         }
-                        hist_line(pg, s, pg->step++);
+                        pg->unit = UNIT_SAMPLE;
+                        pg->ustep = pg->step++;
+                        if (pg->ustep <= NSLOTS) {
+                                pg->cum += pg->slot[pg->ustep - 1];
+                                pg->uval = pg->cum;
+                        } else {
+                                pg->uval = pg->ustep == NSLOTS + 1 ? pg->slot[NSLOTS] : pg->cum;
+                        }
                         return true;
                 }
         }
         return false;
+}
+
+/* Writes the text of the current unit into b (at most pg->lb.len + pg->fixed bytes). */
+static void emit(const struct wp_metrics_page *pg, struct bbuf *b)
+{
+        const struct section *s = &sections[pg->usec];
+
+        if (pg->unit == UNIT_HEADER) {
+                bb_str(b, "# HELP ");
+                bb_str(b, s->name);
+                bb_str(b, " ");
+                bb_str(b, s->help);
+                bb_str(b, "\n# TYPE ");
+                bb_str(b, s->name);
+                bb_str(b, " ");
+                bb_str(b, s->type);
+                bb_str(b, "\n");
+                return;
+        }
+        if (pg->unit == UNIT_SECTION && s->kind == SEC_OVERFLOW) {
+                static const char *const fam_name[NFAM] = {"http", "tcp"};
+                struct wp_metrics_stats st;
+                unsigned f;
+
+                wp_metrics_get_stats(pg->m, &st);
+                for (f = 0; f < NFAM; f++) {
+                        bb_str(b, "istio_waypoint_metrics_overflow_total{family=\"");
+                        bb_str(b, fam_name[f]);
+                        bb_str(b, "\"} ");
+                        bb_u64(b, st.overflow[f]);
+                        bb_put(b, "\n", 1);
+                }
+                return;
+        }
+        if (pg->unit == UNIT_SECTION) {
+                bb_str(b, "istio_build{component=\"proxy\",tag=\"");
+                bb_escaped(b, pg->m->istio_version, strlen(pg->m->istio_version));
+                bb_str(b, "\"} 1\n");
+                return;
+        }
+        /* a sample line: name{labels[,le="..."]} value */
+        if (s->kind == SEC_COUNTER || pg->ustep <= NSLOTS)
+                bb_lit(b, &s->open[0]);
+        else
+                bb_lit(b, &s->open[pg->ustep == NSLOTS + 1 ? 1 : 2]);
+        bb_put(b, pg->lb.p, pg->lb.len);
+        if (s->kind == SEC_HIST && pg->ustep <= NSLOTS)
+                bb_lit(b, &le_text[pg->ustep - 1]);
+        else
+                bb_put(b, "} ", 2);
+        bb_u64(b, pg->uval);
+        bb_put(b, "\n", 1);
 }
 
 static void page_account(struct wp_metrics_page *pg)
@@ -1132,7 +1269,7 @@ static void page_account(struct wp_metrics_page *pg)
 int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret)
 {
         struct wp_metrics_page *pg;
-        size_t names = 0, name_max = 0, fixed;
+        size_t names = 0, name_max = 0;
         unsigned i;
         int r = -ENOMEM;
 
@@ -1143,7 +1280,7 @@ int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret)
                 return -ENOMEM;
         pg->m = m;
         for (i = 0; i < _WP_ML_MAX; i++)
-                names += strlen(label_names[i]);
+                names += label_open[i].n - 3; /* the name without ,=" */
         for (i = 0; i < NSECTIONS; i++) {
                 size_t n = strlen(sections[i].name) + strlen(sections[i].help);
 
@@ -1153,8 +1290,8 @@ int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret)
          * separators, reporter, response_code and grpc_response_status */
         pg->lb.cap = (size_t)_WP_ML_MAX * (2 * m->max_value_len + 4) + names + 256;
         /* a sample line: name, suffix, labels, le, value; a header; the istio_build line */
-        fixed = name_max + 2 * strlen(m->istio_version) + 256;
-        pg->line.cap = pg->lb.cap + fixed;
+        pg->fixed = name_max + 2 * strlen(m->istio_version) + 256;
+        pg->line.cap = pg->lb.cap + pg->fixed;
         pg->lb.p = wp_malloc(pg->lb.cap);
         pg->line.p = wp_malloc(pg->line.cap);
         if (!pg->lb.p || !pg->line.p)
@@ -1178,14 +1315,28 @@ size_t wp_metrics_page_read(struct wp_metrics_page *pg, char *buf, size_t cap)
         size_t n = 0, k;
 
         while (n < cap) {
-                if (pg->line_off == pg->line.len && !next_unit(pg))
+                if (pg->line_off < pg->line.len) { /* the rest of a unit that did not fit */
+                        k = pg->line.len - pg->line_off;
+                        if (k > cap - n)
+                                k = cap - n;
+                        memcpy(buf + n, pg->line.p + pg->line_off, k);
+                        pg->line_off += k;
+                        n += k;
+                        continue;
+                }
+                if (!next_unit(pg))
                         break;
-                k = pg->line.len - pg->line_off;
-                if (k > cap - n)
-                        k = cap - n;
-                memcpy(buf + n, pg->line.p + pg->line_off, k);
-                pg->line_off += k;
-                n += k;
+                if (cap - n >= pg->lb.len + pg->fixed) {
+                        /* room for the unit's worst case: written in place, copied once */
+                        struct bbuf d = {buf + n, 0, cap - n};
+
+                        emit(pg, &d);
+                        n += d.len;
+                } else {
+                        pg->line.len = 0;
+                        pg->line_off = 0;
+                        emit(pg, &pg->line);
+                }
         }
         return n;
 }

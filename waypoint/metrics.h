@@ -185,7 +185,9 @@ struct wp_metrics_page;
 /* Starts a page. Returns 0 and *ret, -EINVAL, -ENOMEM. */
 int wp_metrics_page_new(struct wp_metrics *m, struct wp_metrics_page **ret);
 /* Copies the next bytes of the page into buf[0, cap), cap > 0: returns how many (cap unless
- * the page ends first), 0 once the page is complete. */
+ * the page ends first), 0 once the page is complete. Lines are rendered straight into buf
+ * (only a line that does not fit the rest of buf goes through the page's line buffer), so the
+ * bytes of buf after the returned count may have been overwritten. */
 size_t wp_metrics_page_read(struct wp_metrics_page *pg, char *buf, size_t cap);
 /* Heap bytes held by the page (constant from wp_metrics_page_new on). */
 size_t wp_metrics_page_bytes(const struct wp_metrics_page *pg);

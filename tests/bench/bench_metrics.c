@@ -16,12 +16,17 @@
 
 #define SET(l, i, s) ((l)->v[(i)] = (struct wp_mstr){(s), (uint32_t)strlen(s)})
 
-static double now_ms(void)
+static double clock_ms(clockid_t id)
 {
         struct timespec ts;
 
-        clock_gettime(CLOCK_MONOTONIC, &ts);
+        clock_gettime(id, &ts);
         return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static double now_ms(void)
+{
+        return clock_ms(CLOCK_MONOTONIC);
 }
 
 static int count_sink(void *user, const char *data, size_t len)
@@ -74,7 +79,7 @@ int main(int argc, char **argv)
         struct wp_metrics_stats st;
         struct wp_metrics_labels l;
         char wl[64], ns[64], pr[128];
-        double *lat, t0, total = 0;
+        double *lat, *cpu, t0, c0, total = 0, cpu_total = 0;
         size_t bytes = 0;
         unsigned i;
         const unsigned codes[] = {200, 503, 404};
@@ -113,17 +118,33 @@ int main(int argc, char **argv)
         }
         wp_metrics_get_stats(m, &st);
         lat = calloc(renders, sizeof(*lat));
-        if (!lat)
+        cpu = calloc(renders, sizeof(*cpu));
+        if (!lat || !cpu)
                 return 1;
         for (i = 0; i < renders; i++) {
                 bytes = 0;
                 t0 = now_ms();
+                c0 = clock_ms(CLOCK_THREAD_CPUTIME_ID);
                 if (wp_metrics_render(m, count_sink, &bytes) < 0)
                         return 1;
+                /* CPU time as well as wall time: the machine running this may be shared */
+                cpu[i] = clock_ms(CLOCK_THREAD_CPUTIME_ID) - c0;
                 lat[i] = now_ms() - t0;
                 total += lat[i];
+                cpu_total += cpu[i];
         }
         qsort(lat, renders, sizeof(*lat), cmp_double);
+        qsort(cpu, renders, sizeof(*cpu), cmp_double);
+        /* the part of a render spent starting the page: merged, sorted view of the shards */
+        c0 = clock_ms(CLOCK_THREAD_CPUTIME_ID);
+        for (i = 0; i < renders; i++) {
+                struct wp_metrics_page *pg;
+
+                if (wp_metrics_page_new(m, &pg) < 0)
+                        return 1;
+                wp_metrics_page_free(pg);
+        }
+        c0 = (clock_ms(CLOCK_THREAD_CPUTIME_ID) - c0) / renders;
         printf("series: http %llu, tcp %llu (over 4 shards); registry %.1f MiB\n",
                (unsigned long long)st.series[0], (unsigned long long)st.series[1],
                (double)st.bytes / (1 << 20));
@@ -131,7 +152,12 @@ int main(int argc, char **argv)
                "%.0f MiB/s\n",
                renders, (double)bytes / (1 << 20), total / renders, lat[renders / 2],
                lat[renders - 1], (double)bytes / (1 << 20) / (total / renders / 1e3));
+        printf("render cpu: mean %.1f ms, p50 %.1f ms, min %.1f ms, %.0f MiB/s of CPU\n",
+               cpu_total / renders, cpu[renders / 2], cpu[0],
+               (double)bytes / (1 << 20) / (cpu_total / renders / 1e3));
+        printf("page start (merge and sort of the shards' series): %.2f ms cpu\n", c0);
         free(lat);
+        free(cpu);
         wp_metrics_free(m);
         return 0;
 }

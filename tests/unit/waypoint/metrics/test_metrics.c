@@ -807,6 +807,142 @@ static void test_page_byte_identical_to_previous_renderer(void)
 
 /* A page of tens of MiB is produced through a fixed buffer; the page holds a few KiB plus 8
  * bytes per series, whatever the page's length. */
+/* Reads a whole page in reads of at most step bytes into one NUL-terminated text. */
+static char *page_text(struct wp_metrics *m, size_t step)
+{
+        struct wp_metrics_page *pg = NULL;
+        size_t len = 0, cap = 1 << 20, n;
+        char *out = malloc(cap);
+
+        if (!out || wp_metrics_page_new(m, &pg) < 0)
+                abort();
+        for (;;) {
+                if (cap - len <= step) {
+                        cap *= 2;
+                        out = realloc(out, cap);
+                        if (!out)
+                                abort();
+                }
+                n = wp_metrics_page_read(pg, out + len, step);
+                if (!n)
+                        break;
+                CHECK(n <= step);
+                len += n;
+        }
+        out[len] = 0;
+        wp_metrics_page_free(pg);
+        return out;
+}
+
+/* Appends the text format's escaped form of v (\ " newline) to out at *len. */
+static void escape_into(char *out, size_t *len, const char *v, size_t n)
+{
+        for (size_t i = 0; i < n; i++) {
+                if (v[i] == '\\' || v[i] == '"') {
+                        out[(*len)++] = '\\';
+                        out[(*len)++] = v[i];
+                } else if (v[i] == '\n') {
+                        out[(*len)++] = '\\';
+                        out[(*len)++] = 'n';
+                } else {
+                        out[(*len)++] = v[i];
+                }
+        }
+}
+
+/* The longest possible lines: every label value at the 4096-byte cap and made of bytes that
+ * the format escapes (one value all quotes, the others mixing escaped and plain bytes, escaped
+ * bytes first and last), so a sample line is over 128 KiB, longer than any reader's buffer.
+ * The label set is recorded on two shards (one merged run) next to a plain one. The page is
+ * the same whatever the read size (lines written in place or through the page's line buffer),
+ * and its lines are exactly those built here with an independent escaper. */
+static void test_longest_escaped_lines_any_read_size(void)
+{
+        static const char *const names[] = {"source_workload",
+                                            "source_canonical_service",
+                                            "source_canonical_revision",
+                                            "source_workload_namespace",
+                                            "source_principal",
+                                            "source_app",
+                                            "source_version",
+                                            "source_cluster",
+                                            "destination_workload",
+                                            "destination_workload_namespace",
+                                            "destination_principal",
+                                            "destination_app",
+                                            "destination_version",
+                                            "destination_service",
+                                            "destination_canonical_service",
+                                            "destination_canonical_revision",
+                                            "destination_service_name",
+                                            "destination_service_namespace",
+                                            "destination_cluster",
+                                            "request_protocol",
+                                            "response_flags",
+                                            "connection_security_policy"};
+        static const size_t steps[] = {1 << 20, 65536, 4093, 7};
+        const size_t vlen = 4096, cap = 22 * (2 * vlen + 64) + 1024;
+        struct wp_metrics_config cfg = {.n_shards = 2, .max_value_len = (uint32_t)vlen};
+        struct wp_metrics_http o = {.response_code = 200, .grpc_status = 3, .duration_ms = 7};
+        struct wp_metrics_labels l = {0}, plain = {0};
+        struct wp_metrics *m = NULL;
+        char *vals[_WP_ML_MAX], *want = malloc(cap), *page, *p;
+        size_t len, line_len, i, j;
+        unsigned lines = 0;
+
+        REQUIRE(want && _WP_ML_MAX == sizeof(names) / sizeof(names[0]));
+        REQUIRE(wp_metrics_new(&cfg, &m) == 0);
+        for (i = 0; i < _WP_ML_MAX; i++) {
+                vals[i] = malloc(vlen);
+                REQUIRE(vals[i]);
+                for (j = 0; j < vlen; j++)
+                        vals[i][j] = i == 0 ? '"' : "\\\"\nx-"[(i + j) % (j % 7 ? 5 : 3)];
+                vals[i][vlen - 1] = "\\\"\n"[i % 3];
+                l.v[i] = (struct wp_mstr){vals[i], (uint32_t)vlen};
+        }
+        SET(&plain, WP_ML_SOURCE_WORKLOAD, "plain");
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 0), &l, &o), 0);
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 1), &l, &o), 0);
+        CHECK_INT_EQ(wp_metrics_record_http(wp_metrics_shard(m, 1), &plain, &o), 0);
+        /* istio_requests_total{<labels>} 2 */
+        len = (size_t)sprintf(want, "istio_requests_total{reporter=\"waypoint\"");
+        for (i = 0; i < _WP_ML_MAX; i++) {
+                if (i == WP_ML_RESPONSE_FLAGS)
+                        len += (size_t)sprintf(want + len,
+                                               ",response_code=\"200\",grpc_response_status=\"3\"");
+                len += (size_t)sprintf(want + len, ",%s=\"", names[i]);
+                escape_into(want, &len, vals[i], vlen);
+                want[len++] = '"';
+        }
+        len += (size_t)sprintf(want + len, "} 2\n");
+        want[len] = 0;
+        REQUIRE(len > 128 * 1024); /* longer than the admin server's 64 KiB reads */
+        page = page_text(m, steps[0]);
+        REQUIRE(page);
+        CHECK(strstr(page, want) != NULL);
+        /* every histogram line of the long series carries the same label text */
+        line_len = len - strlen("istio_requests_total{") - strlen("} 2\n");
+        for (p = page; (p = strstr(p, "_bucket{reporter=")) != NULL; p++) {
+                if (memcmp(p + 8, want + strlen("istio_requests_total{"), line_len) == 0 &&
+                    strncmp(p + 8 + line_len, ",le=\"", 5) == 0)
+                        lines++;
+        }
+        CHECK_INT_EQ(lines, 3 * 20);
+        CHECK(strstr(page, "source_workload=\"plain\"") != NULL);
+        for (i = 1; i < sizeof(steps) / sizeof(steps[0]); i++) {
+                char *again = page_text(m, steps[i]);
+
+                REQUIRE(again);
+                CHECK(strcmp(again, page) == 0);
+                free(again);
+        }
+        free(page);
+        for (i = 0; i < _WP_ML_MAX; i++)
+                free(vals[i]);
+        free(want);
+        wp_metrics_free(m);
+}
+
 static void test_page_memory_independent_of_page_length(void)
 {
         struct wp_metrics *m = new_registry(2, 0);
@@ -1219,6 +1355,7 @@ int main(void)
         RUN(test_cardinality_cap_keeps_memory_flat);
         RUN(test_four_shards_concurrent_with_render_totals_exact);
         RUN(test_page_byte_identical_to_previous_renderer);
+        RUN(test_longest_escaped_lines_any_read_size);
         RUN(test_page_memory_independent_of_page_length);
         RUN(test_page_view_fixed_at_start_values_live);
         RUN(test_failalloc_page);
