@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: builds with AddressSanitizer + UndefinedBehaviorSanitizer and runs every
-# suite (unit, then end to end on both I/O backends).
+# suite (unit, then end to end on both I/O backends, then the benchmarks' smoke run).
 #   tests/run.sh            all suites
 #   tests/run.sh unit       one suite
 set -euo pipefail
@@ -11,7 +11,7 @@ if [ ! -f "$build/build.ninja" ]; then
 fi
 ninja -C "$build"
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(unit e2e)
+[ ${#suites[@]} -gt 0 ] || suites=(unit e2e bench)
 args=()
 for s in "${suites[@]}"; do args+=(--suite "$s"); done
 meson test -C "$build" --print-errorlogs --num-processes 2 "${args[@]}"

@@ -13,9 +13,12 @@ inbound-vip|9000|tcp|bench.bench.svc.cluster.local; its EDS cluster's ClusterLoa
 one envoy_internal_address endpoint (server_listener_name connect_originate) with the
 envoy.filters.listener.original_dst metadata naming the pod address.
 
-Usage: gen_config.py [DEMO_JSON]   (default: examples/waypoint-demo.json next to this tree)
+Usage: gen_config.py [--vip IP] [--port N] [--pod IP] [--node-ip IP] [--plain] [DEMO_JSON]
+  (DEMO_JSON default: examples/waypoint-demo.json next to this tree). --plain makes the endpoint
+  a socket_address: the waypoint then terminates HBONE and opens plain TCP to POD:PORT.
 """
 
+import argparse
 import copy
 import json
 import os
@@ -28,12 +31,29 @@ E = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 VIP, PORT = "127.201.0.1", 9000
 POD = "127.0.40.1"
 NAME = "inbound-vip|%d|tcp|bench.bench.svc.cluster.local" % PORT
+NODE_IP = "127.0.0.61"
+PLAIN = False
 
 
-def main():
+def parse_args(default_name_fmt):
+    """Sets the module's addresses from the command line (defaults: the values above)."""
+    global VIP, PORT, POD, NAME, NODE_IP, PLAIN
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vip", default=VIP)
+    ap.add_argument("--port", type=int, default=PORT)
+    ap.add_argument("--pod", default=POD)
+    ap.add_argument("--node-ip", default=NODE_IP)
+    ap.add_argument("--plain", action="store_true")
+    ap.add_argument("demo", nargs="?")
+    a = ap.parse_args()
+    VIP, PORT, POD, NODE_IP, PLAIN = a.vip, a.port, a.pod, a.node_ip, a.plain
+    NAME = default_name_fmt % PORT
+    return a.demo
+
+
+def main(demo=None):
     here = os.path.dirname(os.path.abspath(__file__))
-    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "..", "examples",
-                                                              "waypoint-demo.json")
+    src = demo or os.path.join(here, "..", "..", "examples", "waypoint-demo.json")
     with open(src) as f:
         demo = json.load(f)
     res = demo["resources"]
@@ -60,6 +80,9 @@ def main():
     le["metadata"]["filter_metadata"] = {
         "envoy.filters.listener.original_dst": {"local": "%s:%d" % (POD, PORT)},
         "istio": {"workload": "bench-0;bench;bench;v1;Kubernetes"}}
+    if PLAIN:
+        le["endpoint"]["address"] = {"socket_address": {"address": POD, "port_value": PORT}}
+        del le["metadata"]["filter_metadata"]["envoy.filters.listener.original_dst"]
     cla = {"cluster_name": NAME, "endpoints": [
         {"lb_endpoints": [le], "load_balancing_weight": 1, "locality": {}}]}
 
@@ -91,7 +114,7 @@ def main():
     listeners = dict(res[L])
     listeners["main_internal"] = mi
     out = {
-        "node_id": "waypoint~127.0.0.61~bench-waypoint-0.bench~bench.svc.cluster.local",
+        "node_id": "waypoint~%s~bench-waypoint-0.bench~bench.svc.cluster.local" % NODE_IP,
         "resources": {L: listeners, C: clusters, E: {NAME: cla}},
     }
     for t, v in res.items():
@@ -102,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args("inbound-vip|%d|tcp|bench.bench.svc.cluster.local"))

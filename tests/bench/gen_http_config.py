@@ -10,7 +10,8 @@ RouteConfiguration whose matching route needs a header:
   benchhttp (HTTP)  VIP 127.201.1.1:9000 -> HBONE endpoint 127.0.41.1:9000
   routes: /admin -> direct 403; /bench + header x-bench: 1 -> cluster; anything else -> direct 404
 
-Usage: gen_http_config.py [DEMO_JSON]
+Usage: gen_http_config.py [--vip IP] [--port N] [--pod IP] [--node-ip IP] [DEMO_JSON]
+  (defaults: the addresses above)
 """
 
 import io
@@ -23,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_config  # noqa: E402
 
 VIP, PORT, POD = "127.201.1.1", 9000, "127.0.41.1"
-NAME = "inbound-vip|%d|http|benchhttp.bench.svc.cluster.local" % PORT
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/sleep"  # tests/tools/mkpki.py "client"
 T_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
          "HttpConnectionManager")
@@ -58,10 +58,12 @@ def http_chain(name, route_config, rbac):
 
 def main():
     gen_config.VIP, gen_config.PORT, gen_config.POD = VIP, PORT, POD
-    gen_config.NAME = NAME
+    gen_config.NODE_IP = "127.0.0.62"
+    demo = gen_config.parse_args("inbound-vip|%d|http|benchhttp.bench.svc.cluster.local")
+    name = gen_config.NAME
     buf = io.StringIO()
     with redirect_stdout(buf):
-        gen_config.main()
+        gen_config.main(demo)
     cfg = json.loads(buf.getvalue())
 
     routes = [
@@ -69,7 +71,7 @@ def main():
          "direct_response": {"status": 403, "body": {"inline_string": "no"}}},
         {"match": {"prefix": "/bench", "headers": [
             {"name": "x-bench", "string_match": {"exact": "1"}}]},
-         "route": {"cluster": NAME, "timeout": "10s"}},
+         "route": {"cluster": name, "timeout": "10s"}},
         {"match": {"prefix": "/"},
          "direct_response": {"status": 404, "body": {"inline_string": "no route"}}},
     ]
@@ -81,12 +83,11 @@ def main():
                                          "string_match": {"exact": CLIENT_ID}}}]}}}
 
     mi = cfg["resources"][L]["main_internal"]
-    mi["filter_chains"] = [http_chain(NAME, rc, rbac) if fc["name"] == NAME else fc
+    mi["filter_chains"] = [http_chain(name, rc, rbac) if fc["name"] == name else fc
                            for fc in mi["filter_chains"]]
     # an HTTP port: the http_inspector stays enabled for it (istiod disables it for TCP ports)
     for lf in mi.get("listener_filters", []):
         lf.pop("filter_disabled", None)
-    cfg["node_id"] = "waypoint~127.0.0.62~bench-waypoint-0.bench~bench.svc.cluster.local"
     json.dump(cfg, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
 

@@ -1,246 +1,256 @@
 /*
- * http_load: HTTP/1.1-inside-HBONE load generator for the L7 benchmark (client ztunnel + client
- * app stand-in). One thread, libhbone: opens C tunnels over M HBONE connections (tunnel i on
- * connection i % M) to --authority, then sends keep-alive GET requests on them, one request in
- * flight per tunnel, and parses each response (status line, headers, Content-Length body).
+ * http_load: open-loop / closed-loop HTTP request generator for the L7 benchmarks (client ztunnel
+ * + client app stand-in). One thread. Two transports:
  *
- *   http_load --server IP:PORT --authority HOST:PORT --cert F --key F --root F
- *             [--connections M] [--tunnels C] [--duration S] [--warmup S] [--rate R]
- *             [--path P] [--host H] [--header 'name: value']...
+ *  - HBONE (default): C tunnels over M HBONE connections (tunnel i on connection i % M, mTLS
+ *    client certificate) to --authority; inside each tunnel one HTTP connection: HTTP/1.1
+ *    keep-alive (--proto h1, one request in flight per tunnel) or cleartext HTTP/2 with prior
+ *    knowledge (--proto h2, up to --streams requests in flight per tunnel).
+ *  - TLS (--tls): M direct TLS 1.3 connections (ALPN h2, same client certificate; the server's
+ *    SPIFFE identity is verified against --root) speaking HTTP/2, --streams in flight each: the
+ *    way into an L7 proxy that does not speak HBONE.
  *
- * Closed loop (default, --rate 0): every tunnel sends its next request as soon as the previous
+ *   http_load --server IP:PORT [--authority HOST:PORT] --cert F --key F --root F
+ *             [--tls] [--proto h1|h2] [--streams S] [--connections M] [--tunnels C]
+ *             [--duration S] [--warmup S] [--rate R] [--path P] [--host H]
+ *             [--header 'name: value']...
+ *
+ * Closed loop (default, --rate 0): every slot sends its next request as soon as the previous
  * response is complete (saturation).
- * Open loop (--rate R): request k is scheduled at t0 + k/R and sent on the first idle tunnel;
- * latency runs from the scheduled time, not from the actual send, so a stalled server is charged
- * for the requests that queued behind it (no coordinated omission). Requests that find no idle
- * tunnel wait in order.
+ * Open loop (--rate R): request k is scheduled at t0 + k/R and sent on the next HTTP connection
+ * with a free slot (round robin); latency runs from the scheduled time, not from the actual send,
+ * so a stalled server is charged for the requests that queued behind it (no coordinated
+ * omission). Requests that find no free slot wait in order; those still waiting at the end count
+ * as "unsent" (failures).
  *
  * The first --warmup seconds (default 0.5) are excluded from the rate and latency figures; the
  * requests they complete are still in requests_total (what the server side did during the run).
  * Prints one JSON line:
  *   {"mode":"closed"|"open",...,"requests":N,"requests_total":N,"errors":E,"non200":K,
  *    "rps":..,"p50_us":..,"p90_us":..,"p99_us":..,"p999_us":..,"max_us":..,"mean_us":..}
- * Latency buckets are log-linear (64 per power of two: <= 1.6% error).
- * Exit status 0 when every tunnel opened and no request failed, 1 otherwise, 2 on usage.
+ * Exit status 0 when every connection/tunnel opened and no request failed, 1 otherwise, 2 on
+ * usage.
  */
 #include <errno.h>
-#include <getopt.h>
-#include <signal.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
-#include "hbone/conn.h"
-#include "hbone/hbone.h"
+#include <nghttp2/nghttp2.h>
+
+#include "tests/bench/loadkit.h"
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/log.h"
 #include "waypoint/base/time.h"
-#include "waypoint/base/x509.h"
+#include "waypoint/base/tls.h"
+#include "waypoint/base/util.h"
 
-#define MAX_HEAD 8192
+#define MAX_HEAD    8192
 #define MAX_HEADERS 16
-#define SUB_BITS 6
-#define NBUCKETS (128 + (64 - 7) * 64)
+#define TLS_RBUF    (32 * 1024)
+#define TLS_WBUF    (64 * 1024)
 
-struct lconn;
-
+enum proto { P_H1, P_H2 };
 enum rstate { R_IDLE, R_HEAD, R_BODY };
 
-struct tunnel {
-        struct lconn *lc;
-        struct hbone_stream *st;
-        unsigned status;   /* CONNECT answer */
+struct sess;
+
+struct h2req {
+        uint64_t sched_ns;
+        unsigned status;
+};
+
+/* one HTTP connection, over a tunnel or over TLS */
+struct sess {
+        struct tunnel *tun; /* HBONE carrier, or */
+        struct tconn *tc;   /* TLS carrier */
+        bool ready, dead, queued;
+        unsigned inflight, cap;
+        /* HTTP/1.1 */
         enum rstate rs;
-        uint64_t sched_ns; /* latency origin of the request in flight */
+        uint64_t sched_ns;
         size_t hlen;
         uint64_t body_left;
         unsigned http_status;
-        bool opened, closed, in_idle_list;
-        char head[MAX_HEAD];
+        char *head;
+        /* HTTP/2 */
+        nghttp2_session *ng;
+        struct h2req *reqs;
+        unsigned *free_reqs, nfree;
+        uint8_t *pend; /* output the tunnel did not take yet */
+        size_t pend_len, pend_cap;
+        struct wp_task flush_task;
 };
 
-struct lconn {
-        struct hbone_conn *c;
+struct tunnel {
+        struct lk_tunnel k; /* first */
+        struct sess s;
+};
+
+struct tconn {
+        int fd;
         unsigned idx;
-        struct tunnel **tunnels;
-        unsigned ntunnels, next;
-        bool closed;
+        struct wp_tls *tls;
+        struct wp_op cop, rop, wop;
+        size_t wlen, woff;
+        bool hs_done, closing, counted;
+        struct sess s;
+        uint8_t rbuf[TLS_RBUF];
+        uint8_t wbuf[TLS_WBUF];
+        uint8_t pbuf[TLS_RBUF];
 };
 
 static struct {
-        const char *server, *authority, *cert, *key, *root, *trust_domain, *path, *host;
+        const char *path, *host;
         const char *headers[MAX_HEADERS];
         unsigned nheaders;
-        unsigned nconns, ntunnels;
-        double duration_s, warmup_s, rate, timeout_s;
-        enum wp_io_backend backend;
+        enum proto proto;
+        bool tls;
+        unsigned streams;
+        double duration_s, warmup_s, rate;
 
-        struct wp_loop *loop;
-        struct wp_tls_ctx *tls;
-        struct hbone_limits lim;
-        struct lconn *conns;
         struct tunnel *tunnels;
+        struct tconn *tconns;
+        unsigned nsess, sess_ok, sess_answered, tconns_done;
         char *req;
         size_t req_len;
+        nghttp2_nv nva[6 + MAX_HEADERS];
+        size_t nnv;
+        nghttp2_session_callbacks *ngcb;
 
-        unsigned answered, ok200, conns_closed;
-        struct tunnel **idle; /* stack of tunnels with no request in flight */
-        unsigned nidle;
-        bool sending;         /* inside [t_start, t_stop) */
+        struct sess **ring; /* FIFO of HTTP connections with a free slot */
+        unsigned ring_head, ring_len;
+        bool sending; /* inside [t_start, t_stop) */
         uint64_t t_start, t_measure, t_stop;
-        uint64_t next_due, interval_ns;
-        uint64_t in_flight, sent, done_total, done_measured, errors, non200;
-        uint64_t lat_sum_ns, lat_max_ns, lag_sum_ns;
-        uint64_t hist[NBUCKETS];
-        const char *first_error;
-} G = {.nconns = 1, .ntunnels = 1, .duration_s = 5, .warmup_s = 0.5, .timeout_s = 120,
-       .trust_domain = "cluster.local", .path = "/bench/get", .host = "bench"};
+        uint64_t next_due, nscheduled;
+        uint64_t in_flight, sent, done_total, errors, non200;
+        uint64_t lag_sum_ns;
+        struct lk_hist hist;
+} G = {.duration_s = 5, .warmup_s = 0.5, .path = "/bench/get", .host = "bench", .streams = 1};
 
-static volatile sig_atomic_t got_signal;
+/* ---- slots ---- */
 
-static void on_signal(int sig)
+static void enqueue(struct sess *s)
 {
-        got_signal = sig;
+        if (s->queued || s->dead || !s->ready || s->inflight >= s->cap)
+                return;
+        s->queued = true;
+        G.ring[(G.ring_head + G.ring_len++) % G.nsess] = s;
 }
 
-static void note_error(const char *what)
+static struct sess *dequeue(void)
 {
-        if (!G.first_error)
-                G.first_error = what;
+        while (G.ring_len > 0) {
+                struct sess *s = G.ring[G.ring_head];
+
+                G.ring_head = (G.ring_head + 1) % G.nsess;
+                G.ring_len--;
+                s->queued = false;
+                if (!s->dead && s->ready && s->inflight < s->cap)
+                        return s;
+        }
+        return NULL;
 }
 
-/* ---- histogram ---- */
-
-static unsigned bucket_of(uint64_t v)
+static void schedule_flush(struct sess *s)
 {
-        if (v < 128)
-                return (unsigned)v;
-        unsigned e = 63 - (unsigned)__builtin_clzll(v); /* >= 7 */
-        unsigned sub = (unsigned)(v >> (e - SUB_BITS)) & ((1u << SUB_BITS) - 1);
-
-        return 128 + (e - 7) * 64 + sub;
+        wp_loop_defer(LK.loop, &s->flush_task);
 }
 
-static uint64_t bucket_mid(unsigned b)
+static void sess_fail(struct sess *s, const char *why)
 {
-        if (b < 128)
-                return b;
-        unsigned e = (b - 128) / 64 + 7, sub = (b - 128) % 64;
-        uint64_t lo = ((uint64_t)(64 + sub)) << (e - SUB_BITS);
-
-        return lo + ((1ULL << (e - SUB_BITS)) >> 1);
+        if (s->dead)
+                return;
+        s->dead = true;
+        if (s->inflight) {
+                G.in_flight -= s->inflight;
+                G.errors += s->inflight;
+                s->inflight = 0;
+                lk_note_error(why);
+        } else if (G.sending) {
+                lk_note_error(why);
+        }
 }
 
-static double percentile_us(double q)
+static int send_request(struct sess *s, uint64_t sched);
+
+static void response_done(struct sess *s, uint64_t sched, unsigned status)
 {
-        if (!G.done_measured)
-                return 0;
-        uint64_t rank = (uint64_t)(q * (double)G.done_measured);
-        uint64_t seen = 0;
+        uint64_t now = wp_now_ns();
 
-        if (rank >= G.done_measured)
-                rank = G.done_measured - 1;
-        for (unsigned b = 0; b < NBUCKETS; b++) {
-                seen += G.hist[b];
-                if (seen > rank) {
-                        uint64_t v = bucket_mid(b);
+        s->inflight--;
+        G.in_flight--;
+        G.done_total++;
+        if (status != 200) {
+                G.non200++;
+                lk_note_error("non-200 response");
+        } else if (sched >= G.t_measure && sched < G.t_stop) {
+                lk_hist_add(&G.hist, now - sched);
+        }
+        if (G.rate > 0)
+                enqueue(s); /* the caller pumps (pump_open after the input is processed) */
+        else if (G.sending && now < G.t_stop)
+                send_request(s, 0);
+}
 
-                        return (double)(v < G.lat_max_ns ? v : G.lat_max_ns) / 1e3;
+static void h2_flush(struct sess *s);
+
+/* open loop: send every due request that finds a free slot. Request k is due at
+ * t_start + k / rate. From the main loop (not a callback), HTTP/2 output is flushed right away:
+ * a deferred flush would wait for the loop's next wake-up. */
+static void pump_open(bool from_main)
+{
+        uint64_t now = wp_now_ns();
+
+        while (G.sending && G.next_due <= now && G.next_due < G.t_stop) {
+                struct sess *s = dequeue();
+
+                if (!s)
+                        break;
+                if (send_request(s, G.next_due) == 0) {
+                        G.nscheduled++;
+                        G.next_due = G.t_start + (uint64_t)((double)G.nscheduled * 1e9 / G.rate);
+                        if (from_main && G.proto == P_H2)
+                                h2_flush(s);
                 }
-        }
-        return (double)G.lat_max_ns / 1e3;
-}
-
-/* ---- requests ---- */
-
-static void push_idle(struct tunnel *t)
-{
-        if (!t->in_idle_list && !t->closed && t->status == 200) {
-                t->in_idle_list = true;
-                G.idle[G.nidle++] = t;
+                enqueue(s);
         }
 }
 
-static int send_request(struct tunnel *t, uint64_t sched)
+/* ---- HTTP/1.1 inside a tunnel ---- */
+
+static int h1_send(struct sess *s)
 {
-        ssize_t n = hbone_stream_write(t->st, (const uint8_t *)G.req, G.req_len);
+        struct tunnel *t = s->tun;
+        ssize_t n = hbone_stream_write(t->k.st, (const uint8_t *)G.req, G.req_len);
 
         if (n != (ssize_t)G.req_len) {
                 /* the queue holds far more than one small request: a short write is a failure */
-                note_error("request write failed");
+                hbone_stream_reset(t->k.st, HBONE_H2_CANCEL);
+                hbone_conn_kick(t->k.lc->c);
+                sess_fail(s, "request write failed");
                 G.errors++;
-                hbone_stream_reset(t->st, HBONE_H2_CANCEL);
-                hbone_conn_kick(t->lc->c);
                 return -EIO;
         }
-        uint64_t now = wp_now_ns();
-
-        t->rs = R_HEAD;
-        t->hlen = 0;
-        t->sched_ns = sched ? sched : now;
-        if (sched && now > sched)
-                G.lag_sum_ns += now - sched;
-        G.in_flight++;
-        G.sent++;
-        hbone_conn_kick(t->lc->c);
+        s->rs = R_HEAD;
+        s->hlen = 0;
+        hbone_conn_kick(t->k.lc->c);
         return 0;
 }
 
-/* open loop: send every due request that finds an idle tunnel */
-static void pump_open(void)
+/* parses the response head in s->head[0..hlen); returns 0 or -EPROTO */
+static int h1_parse_head(struct sess *s)
 {
-        uint64_t now = wp_now_ns();
+        const char *p = s->head, *end = s->head + s->hlen;
 
-        while (G.sending && G.next_due <= now && G.next_due < G.t_stop && G.nidle > 0) {
-                struct tunnel *t = G.idle[--G.nidle];
-
-                t->in_idle_list = false;
-                if (send_request(t, G.next_due) == 0)
-                        G.next_due += G.interval_ns;
-        }
-}
-
-static void response_done(struct tunnel *t)
-{
-        uint64_t now = wp_now_ns();
-
-        G.in_flight--;
-        G.done_total++;
-        t->rs = R_IDLE;
-        if (t->http_status != 200) {
-                G.non200++;
-                note_error("non-200 response");
-        } else if (t->sched_ns >= G.t_measure && t->sched_ns < G.t_stop) {
-                uint64_t lat = now - t->sched_ns;
-
-                G.done_measured++;
-                G.hist[bucket_of(lat)]++;
-                G.lat_sum_ns += lat;
-                if (lat > G.lat_max_ns)
-                        G.lat_max_ns = lat;
-        }
-        if (G.rate > 0) {
-                push_idle(t);
-                pump_open();
-        } else if (G.sending && now < G.t_stop) {
-                send_request(t, 0);
-        } else {
-                push_idle(t);
-        }
-}
-
-/* parses the response head in t->head[0..hlen); returns 0 or -EPROTO */
-static int parse_head(struct tunnel *t)
-{
-        const char *p = t->head, *end = t->head + t->hlen;
-
-        if (t->hlen < 12 || memcmp(p, "HTTP/1.", 7) != 0 || p[8] != ' ')
+        if (s->hlen < 12 || memcmp(p, "HTTP/1.", 7) != 0 || p[8] != ' ')
                 return -EPROTO;
-        t->http_status = (unsigned)((p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0'));
-        t->body_left = 0;
+        s->http_status = (unsigned)((p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0'));
+        s->body_left = 0;
         bool have_len = false;
         const char *line = memchr(p, '\n', (size_t)(end - p));
 
@@ -254,86 +264,289 @@ static int parse_head(struct tunnel *t)
                 if (len > 15 && strncasecmp(line, "content-length:", 15) == 0) {
                         char *e;
 
-                        t->body_left = strtoull(line + 15, &e, 10);
+                        s->body_left = strtoull(line + 15, &e, 10);
                         have_len = true;
                 } else if (len > 18 && strncasecmp(line, "transfer-encoding:", 18) == 0) {
                         return -EPROTO; /* our backend never chunks; neither should the path */
                 }
                 line = eol;
         }
-        if (!have_len && t->http_status != 204 && t->http_status != 304)
+        if (!have_len && s->http_status != 204 && s->http_status != 304)
                 return -EPROTO;
         return 0;
 }
 
-static int feed(struct tunnel *t, const uint8_t *data, size_t len)
+static int h1_feed(struct sess *s, const uint8_t *data, size_t len)
 {
         while (len > 0) {
-                if (t->rs == R_IDLE)
+                if (s->rs == R_IDLE)
                         return -EPROTO; /* bytes with no request in flight */
-                if (t->rs == R_HEAD) {
-                        size_t room = MAX_HEAD - t->hlen, take = len < room ? len : room;
-                        size_t old = t->hlen;
+                if (s->rs == R_HEAD) {
+                        size_t room = MAX_HEAD - s->hlen, take = len < room ? len : room;
+                        size_t old = s->hlen;
 
-                        memcpy(t->head + old, data, take);
-                        t->hlen += take;
+                        memcpy(s->head + old, data, take);
+                        s->hlen += take;
                         /* look for the blank line, starting a little before the new bytes */
                         size_t from = old > 3 ? old - 3 : 0;
-                        char *hit = memmem(t->head + from, t->hlen - from, "\r\n\r\n", 4);
+                        char *hit = memmem(s->head + from, s->hlen - from, "\r\n\r\n", 4);
 
-                        if (!hit) {
-                                if (t->hlen == MAX_HEAD)
-                                        return -E2BIG;
-                                return 0;
-                        }
-                        size_t head_len = (size_t)(hit - t->head) + 4;
+                        if (!hit)
+                                return s->hlen == MAX_HEAD ? -E2BIG : 0;
+                        size_t head_len = (size_t)(hit - s->head) + 4;
                         size_t used = head_len - old;
 
-                        t->hlen = head_len;
-                        if (parse_head(t) < 0)
+                        s->hlen = head_len;
+                        if (h1_parse_head(s) < 0)
                                 return -EPROTO;
                         data += used;
                         len -= used;
-                        t->rs = R_BODY;
+                        s->rs = R_BODY;
                 }
-                if (t->rs == R_BODY) {
-                        size_t take = t->body_left < len ? (size_t)t->body_left : len;
+                if (s->rs == R_BODY) {
+                        size_t take = s->body_left < len ? (size_t)s->body_left : len;
 
-                        t->body_left -= take;
+                        s->body_left -= take;
                         data += take;
                         len -= take;
-                        if (t->body_left == 0)
-                                response_done(t);
+                        if (s->body_left == 0) {
+                                s->rs = R_IDLE;
+                                response_done(s, s->sched_ns, s->http_status);
+                        }
                 }
         }
         return 0;
 }
 
-/* ---- tunnels ---- */
+/* ---- HTTP/2 (inside a tunnel or over TLS) ---- */
 
-static void open_more(struct lconn *lc)
+static int h2_on_header(nghttp2_session *ng, const nghttp2_frame *frame, const uint8_t *name,
+                        size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                        void *user)
 {
-        struct hbone_session *s = hbone_conn_session(lc->c);
+        struct h2req *r = nghttp2_session_get_stream_user_data(ng, frame->hd.stream_id);
 
-        while (s && lc->next < lc->ntunnels && hbone_session_streams_available(s) > 0) {
-                struct tunnel *t = lc->tunnels[lc->next];
-                int r = hbone_session_open(s, G.authority, NULL, 0, t, &t->st);
-
-                if (r == -EAGAIN)
-                        break;
-                lc->next++;
-                if (r < 0) {
-                        note_error("hbone_session_open failed");
-                        t->closed = true;
-                        G.answered++;
-                        continue;
-                }
-                t->opened = true;
-        }
-        hbone_conn_kick(lc->c);
+        if (r && namelen == 7 && memcmp(name, ":status", 7) == 0 && valuelen == 3)
+                r->status = (unsigned)((value[0] - '0') * 100 + (value[1] - '0') * 10 +
+                                       (value[2] - '0'));
+        return 0;
 }
 
-static int cb_request(struct hbone_session *s, struct hbone_stream *st,
+static int h2_on_data(nghttp2_session *ng, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                      size_t len, void *user)
+{
+        return 0; /* bodies are discarded; nghttp2 returns the flow-control credit */
+}
+
+static int h2_on_close(nghttp2_session *ng, int32_t stream_id, uint32_t error_code, void *user)
+{
+        struct sess *s = user;
+        struct h2req *r = nghttp2_session_get_stream_user_data(ng, stream_id);
+
+        if (!r)
+                return 0;
+        s->free_reqs[s->nfree++] = (unsigned)(r - s->reqs);
+        if (s->dead)
+                return 0;
+        if (error_code || !r->status) {
+                s->inflight--;
+                G.in_flight--;
+                G.errors++;
+                lk_note_error("stream reset");
+                enqueue(s);
+                return 0;
+        }
+        response_done(s, r->sched_ns, r->status);
+        return 0;
+}
+
+static int h2_send(struct sess *s, uint64_t sched)
+{
+        if (!s->nfree)
+                return -EBUSY;
+        unsigned i = s->free_reqs[--s->nfree];
+        struct h2req *r = &s->reqs[i];
+
+        *r = (struct h2req){.sched_ns = sched};
+        int32_t id = nghttp2_submit_request(s->ng, NULL, G.nva, G.nnv, NULL, r);
+
+        if (id < 0) {
+                s->nfree++;
+                sess_fail(s, "nghttp2_submit_request failed");
+                G.errors++;
+                return -EIO;
+        }
+        schedule_flush(s);
+        return 0;
+}
+
+static void tconn_send(struct tconn *tc);
+
+/* moves nghttp2's output into the carrier */
+static void h2_flush(struct sess *s)
+{
+        if (s->dead || !s->ng)
+                return;
+        if (s->tc) {
+                for (;;) {
+                        const uint8_t *data;
+                        ssize_t n = nghttp2_session_mem_send(s->ng, &data);
+
+                        if (n <= 0) {
+                                if (n < 0)
+                                        sess_fail(s, "nghttp2 send failed");
+                                break;
+                        }
+                        if (wp_tls_write(s->tc->tls, data, (size_t)n) < 0) {
+                                sess_fail(s, "TLS write failed");
+                                break;
+                        }
+                }
+                tconn_send(s->tc);
+                return;
+        }
+        struct hbone_stream *st = s->tun->k.st;
+
+        if (!st)
+                return;
+        while (s->pend_len > 0) {
+                ssize_t w = hbone_stream_write(st, s->pend, s->pend_len);
+
+                if (w == -EAGAIN)
+                        goto out; /* on_tunnel_writable calls us again */
+                if (w < 0) {
+                        sess_fail(s, "stream write failed");
+                        goto out;
+                }
+                memmove(s->pend, s->pend + w, s->pend_len - (size_t)w);
+                s->pend_len -= (size_t)w;
+        }
+        for (;;) {
+                const uint8_t *data;
+                ssize_t n = nghttp2_session_mem_send(s->ng, &data), w;
+
+                if (n <= 0) {
+                        if (n < 0)
+                                sess_fail(s, "nghttp2 send failed");
+                        break;
+                }
+                w = hbone_stream_write(st, data, (size_t)n);
+                if (w == -EAGAIN)
+                        w = 0;
+                if (w < 0) {
+                        sess_fail(s, "stream write failed");
+                        break;
+                }
+                if (w < n) {
+                        size_t rest = (size_t)(n - w);
+
+                        if (s->pend_cap < rest) {
+                                s->pend = wp_xmalloc(rest); /* pend_len is 0 here */
+                                s->pend_cap = rest;
+                        }
+                        memcpy(s->pend, data + w, rest);
+                        s->pend_len = rest;
+                        break;
+                }
+        }
+out:
+        hbone_conn_kick(s->tun->k.lc->c);
+}
+
+static void flush_task(struct wp_task *t)
+{
+        h2_flush(container_of(t, struct sess, flush_task));
+}
+
+static int h2_init(struct sess *s)
+{
+        nghttp2_settings_entry iv[] = {
+                {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
+                {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20},
+        };
+
+        if (nghttp2_session_client_new(&s->ng, G.ngcb, s) != 0)
+                return -ENOMEM;
+        nghttp2_submit_settings(s->ng, NGHTTP2_FLAG_NONE, iv, 2);
+        nghttp2_session_set_local_window_size(s->ng, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+        s->reqs = wp_xcalloc(s->cap, sizeof(*s->reqs));
+        s->free_reqs = wp_xcalloc(s->cap, sizeof(unsigned));
+        for (unsigned i = 0; i < s->cap; i++)
+                s->free_reqs[s->nfree++] = s->cap - 1 - i;
+        schedule_flush(s);
+        return 0;
+}
+
+static int h2_feed(struct sess *s, const uint8_t *data, size_t len)
+{
+        ssize_t n = nghttp2_session_mem_recv(s->ng, data, len);
+
+        if (n < 0 || (size_t)n != len)
+                return -EPROTO;
+        schedule_flush(s);
+        return 0;
+}
+
+static void sess_init(struct sess *s)
+{
+        s->cap = G.proto == P_H2 ? G.streams : 1;
+        s->flush_task.run = flush_task;
+        if (G.proto == P_H1)
+                s->head = wp_xmalloc(MAX_HEAD);
+}
+
+static void sess_ready(struct sess *s)
+{
+        if (G.proto == P_H2 && h2_init(s) < 0) {
+                sess_fail(s, "nghttp2 session");
+                return;
+        }
+        s->ready = true;
+        G.sess_ok++;
+        enqueue(s);
+}
+
+static void sess_free(struct sess *s)
+{
+        nghttp2_session_del(s->ng);
+        s->ng = NULL;
+        wp_free(s->reqs);
+        wp_free(s->free_reqs);
+        wp_free(s->pend);
+        wp_free(s->head);
+}
+
+static int send_request(struct sess *s, uint64_t sched)
+{
+        uint64_t now = wp_now_ns();
+
+        if (!sched)
+                sched = now;
+        else if (now > sched)
+                G.lag_sum_ns += now - sched;
+        int r = G.proto == P_H2 ? h2_send(s, sched) : h1_send(s);
+
+        if (r < 0)
+                return r;
+        s->sched_ns = sched;
+        s->inflight++;
+        G.in_flight++;
+        G.sent++;
+        return 0;
+}
+
+static int sess_feed(struct sess *s, const uint8_t *data, size_t len)
+{
+        int r = G.proto == P_H2 ? h2_feed(s, data, len) : h1_feed(s, data, len);
+
+        if (G.rate > 0)
+                pump_open(false);
+        return r;
+}
+
+/* ---- HBONE carrier ---- */
+
+static int cb_request(struct hbone_session *hs, struct hbone_stream *st,
                       const struct hbone_request *req, void *session_user)
 {
         return -EPROTO; /* we are the client */
@@ -343,25 +556,20 @@ static void cb_response(struct hbone_stream *st, unsigned status, void *user)
 {
         struct tunnel *t = user;
 
-        t->status = status;
-        G.answered++;
-        if (status != 200) {
-                note_error("tunnel refused (non-200)");
-                return;
-        }
-        G.ok200++;
-        push_idle(t);
+        G.sess_answered++;
+        if (lk_tunnel_answered(&t->k, status))
+                sess_ready(&t->s);
 }
 
 static int cb_data(struct hbone_stream *st, const uint8_t *data, size_t len, void *user)
 {
         struct tunnel *t = user;
-        int r = feed(t, data, len);
+        int r = sess_feed(&t->s, data, len);
 
         hbone_stream_consume(st, len);
-        hbone_conn_kick(t->lc->c);
+        hbone_conn_kick(t->k.lc->c);
         if (r < 0) {
-                note_error(r == -E2BIG ? "response head too large" : "bad response");
+                sess_fail(&t->s, r == -E2BIG ? "response head too large" : "bad response");
                 return r; /* resets the stream */
         }
         return 0;
@@ -371,47 +579,43 @@ static void cb_eof(struct hbone_stream *st, void *user)
 {
         struct tunnel *t = user;
 
-        if (t->rs != R_IDLE)
-                note_error("tunnel ended mid-response");
+        sess_fail(&t->s, "tunnel ended mid-run");
         hbone_stream_shutdown(st);
-        hbone_conn_kick(t->lc->c);
+        hbone_conn_kick(t->k.lc->c);
 }
 
 static void cb_writable(struct hbone_stream *st, void *user)
 {
+        struct tunnel *t = user;
+
+        if (G.proto == P_H2)
+                h2_flush(&t->s);
 }
 
 static void cb_close(struct hbone_stream *st, uint32_t h2_error, void *user)
 {
         struct tunnel *t = user;
 
-        if (t->closed)
+        if (t->k.closed)
                 return;
-        t->closed = true;
-        t->st = NULL;
-        if (!t->status)
-                G.answered++;
-        if (t->rs != R_IDLE) {
-                G.in_flight--;
-                G.errors++;
-                note_error(h2_error ? "tunnel reset mid-request" : "tunnel closed mid-request");
-        } else if (G.sending) {
-                note_error("tunnel closed during the run");
+        t->k.closed = true;
+        t->k.st = NULL;
+        if (!t->k.status) {
+                LK.answered++;
+                G.sess_answered++;
         }
-        if (t->in_idle_list) {
-                for (unsigned i = 0; i < G.nidle; i++)
-                        if (G.idle[i] == t) {
-                                G.idle[i] = G.idle[--G.nidle];
-                                break;
-                        }
-                t->in_idle_list = false;
-        }
+        sess_fail(&t->s, h2_error ? "tunnel reset" : "tunnel closed during the run");
 }
 
-static void cb_goaway(struct hbone_session *s, uint32_t h2_error, void *session_user)
+static void tunnel_lost(struct lk_tunnel *k)
+{
+        cb_close(NULL, 0, k);
+}
+
+static void cb_goaway(struct hbone_session *hs, uint32_t h2_error, void *session_user)
 {
         if (h2_error)
-                note_error("GOAWAY received");
+                lk_note_error("GOAWAY received");
 }
 
 static const struct hbone_callbacks callbacks = {
@@ -424,56 +628,150 @@ static const struct hbone_callbacks callbacks = {
         .on_goaway = cb_goaway,
 };
 
-/* ---- connections ---- */
+/* ---- TLS carrier ---- */
 
-static void conn_established(struct hbone_conn *c, void *user)
+static void tconn_maybe_done(struct tconn *tc)
 {
-        open_more(user);
+        if (!tc->closing || wp_op_inflight(&tc->cop) || wp_op_inflight(&tc->rop) ||
+            wp_op_inflight(&tc->wop) || tc->counted)
+                return;
+        tc->counted = true;
+        close(tc->fd);
+        tc->fd = -1;
+        G.tconns_done++;
 }
 
-static void conn_closed(struct hbone_conn *c, int err, const char *why, void *user)
+static void tconn_close(struct tconn *tc, const char *why)
 {
-        struct lconn *lc = user;
-
-        lc->closed = true;
-        G.conns_closed++;
-        if (err && !got_signal) {
-                fprintf(stderr, "http_load: connection %u closed: %s\n", lc->idx,
-                        why ? why : strerror(-err));
-                note_error("connection failed");
+        if (!tc->hs_done && !tc->closing)
+                G.sess_answered++;
+        if (why)
+                sess_fail(&tc->s, why);
+        tc->s.dead = true;
+        if (tc->closing)
+                return;
+        tc->closing = true;
+        if (why && !lk_signal) {
+                fprintf(stderr, "http_load: TLS connection %u: %s\n", tc->idx, why);
+                lk_note_error(why);
         }
-        for (unsigned i = 0; i < lc->ntunnels; i++) {
-                struct tunnel *t = lc->tunnels[i];
+        shutdown(tc->fd, SHUT_RDWR);
+        wp_loop_cancel(LK.loop, &tc->cop);
+        wp_loop_cancel(LK.loop, &tc->rop);
+        wp_loop_cancel(LK.loop, &tc->wop);
+        tconn_maybe_done(tc);
+}
 
-                if (!t->closed) {
-                        if (t->st)
-                                cb_close(t->st, 0, t);
-                        else {
-                                t->closed = true;
-                                G.answered++;
-                        }
+static void tconn_send(struct tconn *tc)
+{
+        if (tc->closing || wp_op_inflight(&tc->wop))
+                return;
+        if (tc->woff == tc->wlen) {
+                tc->woff = 0;
+                tc->wlen = wp_tls_output(tc->tls, tc->wbuf, sizeof(tc->wbuf));
+        }
+        if (tc->woff < tc->wlen)
+                wp_loop_send(LK.loop, &tc->wop, tc->fd, tc->wbuf + tc->woff, tc->wlen - tc->woff);
+}
+
+static void on_sent(struct wp_op *op, int res)
+{
+        struct tconn *tc = container_of(op, struct tconn, wop);
+
+        if (res < 0) {
+                tconn_close(tc, res == -ECANCELED ? NULL : "send failed");
+                tconn_maybe_done(tc);
+                return;
+        }
+        tc->woff += (size_t)res;
+        tconn_send(tc);
+}
+
+static void on_recv(struct wp_op *op, int res)
+{
+        struct tconn *tc = container_of(op, struct tconn, rop);
+        ssize_t n;
+
+        if (tc->closing) {
+                tconn_maybe_done(tc);
+                return;
+        }
+        if (res <= 0) {
+                tconn_close(tc, res == 0 ? "peer closed" : "recv failed");
+                return;
+        }
+        if (wp_tls_feed(tc->tls, tc->rbuf, (size_t)res) < 0) {
+                tconn_close(tc, "TLS feed");
+                return;
+        }
+        if (!tc->hs_done) {
+                int r = wp_tls_handshake(tc->tls);
+
+                if (r == 0) {
+                        tc->hs_done = true;
+                        G.sess_answered++;
+                        sess_ready(&tc->s);
+                } else if (r != -EAGAIN) {
+                        tconn_send(tc); /* the alert */
+                        tconn_close(tc, wp_tls_error(tc->tls));
+                        return;
                 }
         }
-        lc->next = lc->ntunnels;
+        while (tc->hs_done && !tc->s.dead &&
+               (n = wp_tls_read(tc->tls, tc->pbuf, sizeof(tc->pbuf))) != -EAGAIN) {
+                if (n <= 0) {
+                        tconn_close(tc, n == 0 ? "peer sent close_notify" : "TLS read");
+                        return;
+                }
+                if (sess_feed(&tc->s, tc->pbuf, (size_t)n) < 0) {
+                        tconn_close(tc, "bad HTTP/2 input");
+                        return;
+                }
+        }
+        tconn_send(tc);
+        if (!tc->closing)
+                wp_loop_recv(LK.loop, &tc->rop, tc->fd, tc->rbuf, sizeof(tc->rbuf));
 }
 
-static const struct hbone_conn_ops conn_ops = {
-        .on_established = conn_established,
-        .on_closed = conn_closed,
-};
+static void on_connected(struct wp_op *op, int res)
+{
+        struct tconn *tc = container_of(op, struct tconn, cop);
+
+        if (res < 0) {
+                tconn_close(tc, res == -ECANCELED ? NULL : strerror(-res));
+                tconn_maybe_done(tc);
+                return;
+        }
+        if (wp_tls_new(LK.tls, &tc->tls) < 0) {
+                tconn_close(tc, "TLS object");
+                return;
+        }
+        if (wp_tls_handshake(tc->tls) != -EAGAIN) {
+                tconn_close(tc, wp_tls_error(tc->tls));
+                return;
+        }
+        tconn_send(tc);
+        wp_loop_recv(LK.loop, &tc->rop, tc->fd, tc->rbuf, sizeof(tc->rbuf));
+}
+
+static int tconn_start(struct tconn *tc)
+{
+        int one = 1;
+
+        tc->fd = socket(LK.srv.addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (tc->fd < 0)
+                return -errno;
+        setsockopt(tc->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        wp_op_init(&tc->cop, on_connected);
+        wp_op_init(&tc->rop, on_recv);
+        wp_op_init(&tc->wop, on_sent);
+        tc->s.tc = tc;
+        wp_loop_connect(LK.loop, &tc->cop, tc->fd, (const struct sockaddr *)&LK.srv.addr,
+                        LK.srv.addrlen);
+        return 0;
+}
 
 /* ---- setup ---- */
-
-static int load_tls(void)
-{
-        char err[256];
-        int r = wp_tls_ctx_new_from_files(false, G.cert, G.key, G.root, G.trust_domain, &G.tls,
-                                          err, sizeof(err));
-
-        if (r < 0)
-                fprintf(stderr, "http_load: TLS: %s\n", err);
-        return r;
-}
 
 static void build_request(void)
 {
@@ -482,263 +780,296 @@ static void build_request(void)
         for (unsigned i = 0; i < G.nheaders; i++)
                 cap += strlen(G.headers[i]) + 2;
         G.req = wp_xmalloc(cap);
-        int n = snprintf(G.req, cap, "GET %s HTTP/1.1\r\nHost: %s\r\nuser-agent: http_load\r\n"
-                         "accept: */*\r\n", G.path, G.host);
+        int n = snprintf(G.req, cap,
+                         "GET %s HTTP/1.1\r\nHost: %s\r\nuser-agent: http_load\r\n"
+                         "accept: */*\r\n",
+                         G.path, G.host);
 
         for (unsigned i = 0; i < G.nheaders; i++)
                 n += snprintf(G.req + n, cap - (size_t)n, "%s\r\n", G.headers[i]);
         n += snprintf(G.req + n, cap - (size_t)n, "\r\n");
         G.req_len = (size_t)n;
+
+#define NV(n, v)                                                                                   \
+        ((nghttp2_nv){(uint8_t *)(n), (uint8_t *)(v), strlen(n), strlen(v),                        \
+                      NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE})
+        G.nva[G.nnv++] = NV(":method", "GET");
+        G.nva[G.nnv++] = NV(":scheme", G.tls ? "https" : "http");
+        G.nva[G.nnv++] = NV(":authority", G.host);
+        G.nva[G.nnv++] = NV(":path", G.path);
+        G.nva[G.nnv++] = NV("user-agent", "http_load");
+        for (unsigned i = 0; i < G.nheaders; i++) {
+                /* "name: value" was checked in main; the name is lowercased in place */
+                char *h = (char *)G.headers[i], *colon = strchr(h, ':'), *v = colon + 1;
+
+                for (char *p = h; p < colon; p++)
+                        *p = (char)(*p >= 'A' && *p <= 'Z' ? *p + 32 : *p);
+                while (*v == ' ')
+                        v++;
+                G.nva[G.nnv++] =
+                        (nghttp2_nv){(uint8_t *)h, (uint8_t *)v, (size_t)(colon - h), strlen(v),
+                                     NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE};
+        }
+#undef NV
+        nghttp2_session_callbacks_new(&G.ngcb);
+        nghttp2_session_callbacks_set_on_header_callback(G.ngcb, h2_on_header);
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(G.ngcb, h2_on_data);
+        nghttp2_session_callbacks_set_on_stream_close_callback(G.ngcb, h2_on_close);
 }
 
 static void usage(FILE *f)
 {
-        fputs("usage: http_load --server IP:PORT --authority HOST:PORT --cert F --key F --root F\n"
-              "         [--connections M] [--tunnels C] [--duration S] [--warmup S]\n"
+        fputs("usage: http_load --server IP:PORT [--authority HOST:PORT] --cert F --key F "
+              "--root F\n"
+              "         [--tls] [--proto h1|h2] [--streams S] [--duration S] [--warmup S]\n"
               "         [--rate R (0 = closed loop)] [--path P] [--host H]\n"
-              "         [--header 'name: value']... [--trust-domain TD]\n"
-              "         [--io-backend uring|epoll|auto] [--timeout-seconds S] [-v]\n",
+              "         [--header 'name: value']...\n" LK_COMMON_USAGE,
               f);
 }
 
-static double secs(uint64_t a, uint64_t b)
+static bool all_answered(void)
 {
-        return b > a ? (double)(b - a) / 1e9 : 0.0;
+        return G.sess_answered >= G.nsess || lk_signal;
+}
+
+static bool tconns_done(void)
+{
+        return G.tconns_done >= G.nsess;
+}
+
+static double parse_num(const char *s, bool *bad)
+{
+        char *end;
+        double v = strtod(s, &end);
+
+        if (end == s || *end || v < 0)
+                *bad = true;
+        return v;
 }
 
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
-                {"server", required_argument, NULL, 's'},
-                {"authority", required_argument, NULL, 'a'},
-                {"cert", required_argument, NULL, 'c'},
-                {"key", required_argument, NULL, 'k'},
-                {"root", required_argument, NULL, 'r'},
-                {"trust-domain", required_argument, NULL, 't'},
-                {"connections", required_argument, NULL, 'M'},
-                {"tunnels", required_argument, NULL, 'N'},
                 {"duration", required_argument, NULL, 'D'},
                 {"warmup", required_argument, NULL, 'W'},
                 {"rate", required_argument, NULL, 'R'},
                 {"path", required_argument, NULL, 'p'},
                 {"host", required_argument, NULL, 'H'},
                 {"header", required_argument, NULL, 'x'},
-                {"timeout-seconds", required_argument, NULL, 'T'},
-                {"io-backend", required_argument, NULL, 'b'},
+                {"proto", required_argument, NULL, 'P'},
+                {"streams", required_argument, NULL, 'S'},
+                {"tls", no_argument, NULL, 'L'},
                 {"help", no_argument, NULL, 'h'},
+                LK_OPTIONS,
                 {NULL, 0, NULL, 0},
         };
-        struct hbone_target srv, auth;
-        const char *note = NULL;
-        struct rlimit rl;
-        int c, b;
+        bool bad = false, proto_set = false;
+        int c, r;
 
-        signal(SIGPIPE, SIG_IGN);
+        LK.prog = "http_load";
+        LK.on_tunnel_lost = tunnel_lost;
         wp_log_set_level(WP_LOG_WARN);
         while ((c = getopt_long(argc, argv, "vh", opts, NULL)) != -1) {
                 switch (c) {
-                case 's': G.server = optarg; break;
-                case 'a': G.authority = optarg; break;
-                case 'c': G.cert = optarg; break;
-                case 'k': G.key = optarg; break;
-                case 'r': G.root = optarg; break;
-                case 't': G.trust_domain = optarg; break;
-                case 'M': G.nconns = (unsigned)strtoul(optarg, NULL, 10); break;
-                case 'N': G.ntunnels = (unsigned)strtoul(optarg, NULL, 10); break;
-                case 'D': G.duration_s = strtod(optarg, NULL); break;
-                case 'W': G.warmup_s = strtod(optarg, NULL); break;
-                case 'R': G.rate = strtod(optarg, NULL); break;
-                case 'p': G.path = optarg; break;
-                case 'H': G.host = optarg; break;
+                case 'D':
+                        G.duration_s = parse_num(optarg, &bad);
+                        break;
+                case 'W':
+                        G.warmup_s = parse_num(optarg, &bad);
+                        break;
+                case 'R':
+                        G.rate = parse_num(optarg, &bad);
+                        break;
+                case 'p':
+                        G.path = optarg;
+                        break;
+                case 'H':
+                        G.host = optarg;
+                        break;
                 case 'x':
-                        if (G.nheaders == MAX_HEADERS || strpbrk(optarg, "\r\n")) {
-                                usage(stderr);
-                                return 2;
-                        }
-                        G.headers[G.nheaders++] = optarg;
+                        if (G.nheaders == MAX_HEADERS || strpbrk(optarg, "\r\n") ||
+                            !strchr(optarg, ':') || optarg[0] == ':')
+                                bad = true;
+                        else
+                                G.headers[G.nheaders++] = optarg;
                         break;
-                case 'T': G.timeout_s = strtod(optarg, NULL); break;
-                case 'b':
-                        b = wp_io_backend_parse(optarg);
-                        if (b < 0) {
-                                usage(stderr);
-                                return 2;
-                        }
-                        G.backend = (enum wp_io_backend)b;
+                case 'P':
+                        proto_set = true;
+                        if (strcmp(optarg, "h1") == 0)
+                                G.proto = P_H1;
+                        else if (strcmp(optarg, "h2") == 0)
+                                G.proto = P_H2;
+                        else
+                                bad = true;
                         break;
-                case 'v': wp_log_set_level(WP_LOG_DEBUG); break;
-                case 'h': usage(stdout); return 0;
-                default: usage(stderr); return 2;
+                case 'S':
+                        G.streams = (unsigned)parse_num(optarg, &bad);
+                        break;
+                case 'L':
+                        G.tls = true;
+                        break;
+                case 'h':
+                        usage(stdout);
+                        return 0;
+                default:
+                        if (lk_option(c, optarg) <= 0)
+                                bad = true;
                 }
         }
-        if (!G.server || hbone_target_parse(G.server, strlen(G.server), &srv) < 0 || !srv.is_ip ||
-            !G.authority || hbone_target_parse(G.authority, strlen(G.authority), &auth) < 0 ||
-            !G.cert || !G.key || !G.root || G.nconns == 0 || G.ntunnels == 0 ||
-            G.duration_s <= 0 || G.warmup_s < 0 || G.warmup_s >= G.duration_s || G.rate < 0 ||
-            strpbrk(G.path, " \r\n") || strpbrk(G.host, " \r\n") || optind != argc) {
+        if (G.tls && G.proto == P_H1 && proto_set)
+                bad = true; /* --tls speaks HTTP/2 only */
+        if (G.tls) {
+                G.proto = P_H2;
+                LK.ntunnels = LK.nconns; /* one HTTP/2 connection each, no tunnels */
+        }
+        if (bad || optind != argc || G.duration_s <= 0 || G.warmup_s >= G.duration_s ||
+            G.streams == 0 || G.streams > 1000 || (G.proto == P_H1 && G.streams != 1) ||
+            strpbrk(G.path, " \r\n") || strpbrk(G.host, " \r\n")) {
                 usage(stderr);
                 return 2;
         }
-        if (G.nconns > G.ntunnels)
-                G.nconns = G.ntunnels;
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-                rl.rlim_cur = rl.rlim_max;
-                setrlimit(RLIMIT_NOFILE, &rl);
-        }
-        struct sigaction sa = {.sa_handler = on_signal};
-        sigaction(SIGTERM, &sa, NULL);
-        sigaction(SIGINT, &sa, NULL);
+        r = lk_setup(!G.tls);
+        if (r == -2)
+                usage(stderr);
+        if (r < 0)
+                return r == -2 ? 2 : 1;
         build_request();
-        if (load_tls() < 0)
-                return 1;
-        if (wp_loop_new(G.backend, 4096, &G.loop, &note) < 0) {
-                fprintf(stderr, "http_load: cannot create event loop: %s\n", note ? note : "");
-                return 1;
-        }
-        hbone_limits_default(&G.lim);
 
-        G.conns = wp_xcalloc(G.nconns, sizeof(*G.conns));
-        G.tunnels = wp_xcalloc(G.ntunnels, sizeof(*G.tunnels));
-        G.idle = wp_xcalloc(G.ntunnels, sizeof(*G.idle));
-        for (unsigned i = 0; i < G.nconns; i++) {
-                G.conns[i].idx = i;
-                G.conns[i].tunnels = wp_xcalloc(G.ntunnels / G.nconns + 1, sizeof(void *));
-        }
-        for (unsigned i = 0; i < G.ntunnels; i++) {
-                struct lconn *lc = &G.conns[i % G.nconns];
-
-                G.tunnels[i].lc = lc;
-                lc->tunnels[lc->ntunnels++] = &G.tunnels[i];
-        }
-
+        G.nsess = G.tls ? LK.nconns : LK.ntunnels;
+        G.ring = wp_xcalloc(G.nsess, sizeof(*G.ring));
         uint64_t t0 = wp_now_ns();
-        uint64_t deadline = t0 + (uint64_t)(G.timeout_s * 1e9);
+        uint64_t deadline = t0 + (uint64_t)(LK.timeout_s * 1e9);
 
-        for (unsigned i = 0; i < G.nconns; i++) {
-                struct hbone_conn_config cfg = {
-                        .loop = G.loop,
-                        .tls_ctx = G.tls,
-                        .lim = &G.lim,
-                        .cb = &callbacks,
-                        .ops = &conn_ops,
-                        .user = &G.conns[i],
-                        .handshake_timeout_ms = 30000,
-                        .connect_timeout_ms = 30000,
-                        .id = i,
-                };
-                int r = hbone_conn_connect(&cfg, (const struct sockaddr *)&srv.addr, srv.addrlen,
-                                           &G.conns[i].c);
-                if (r < 0) {
-                        fprintf(stderr, "http_load: connect: %s\n", strerror(-r));
-                        return 1;
+        if (G.tls) {
+                G.tconns = wp_xcalloc(G.nsess, sizeof(*G.tconns));
+                for (unsigned i = 0; i < G.nsess; i++) {
+                        G.tconns[i].idx = i;
+                        sess_init(&G.tconns[i].s);
+                        if ((r = tconn_start(&G.tconns[i])) < 0) {
+                                fprintf(stderr, "http_load: socket: %s\n", strerror(-r));
+                                return 1;
+                        }
                 }
+        } else {
+                G.tunnels = wp_xcalloc(G.nsess, sizeof(*G.tunnels));
+                for (unsigned i = 0; i < G.nsess; i++) {
+                        G.tunnels[i].s.tun = &G.tunnels[i];
+                        sess_init(&G.tunnels[i].s);
+                }
+                lk_assign(G.tunnels, sizeof(*G.tunnels), G.nsess);
+                if (lk_connect_all(&callbacks) < 0)
+                        return 1;
         }
 
-        /* 1. every tunnel answered */
-        while (G.answered < G.ntunnels && !got_signal && wp_now_ns() < deadline)
-                wp_loop_run_once(G.loop, 100 * WP_NSEC_PER_MSEC);
-        double setup_s = secs(t0, wp_now_ns());
+        /* 1. every tunnel / connection answered */
+        lk_run_until(all_answered, deadline);
+        double setup_s = lk_secs(t0, wp_now_ns());
 
-        if (G.ok200 < G.ntunnels)
-                fprintf(stderr, "http_load: only %u of %u tunnels established (%s)\n", G.ok200,
-                        G.ntunnels, G.first_error ? G.first_error : "timeout");
+        if (G.sess_ok < G.nsess)
+                fprintf(stderr, "http_load: only %u of %u %s established (%s)\n", G.sess_ok,
+                        G.nsess, G.tls ? "connections" : "tunnels",
+                        LK.first_error ? LK.first_error : "timeout");
 
         /* 2. the run */
         G.t_start = wp_now_ns();
         G.t_measure = G.t_start + (uint64_t)(G.warmup_s * 1e9);
         G.t_stop = G.t_start + (uint64_t)(G.duration_s * 1e9);
-        G.sending = G.ok200 > 0 && !got_signal;
+        G.sending = G.sess_ok > 0 && !lk_signal;
         if (G.rate > 0) {
-                G.interval_ns = (uint64_t)(1e9 / G.rate);
-                if (!G.interval_ns)
-                        G.interval_ns = 1;
                 G.next_due = G.t_start;
         } else {
-                while (G.sending && G.nidle > 0) {
-                        struct tunnel *t = G.idle[--G.nidle];
+                struct sess *s;
 
-                        t->in_idle_list = false;
-                        send_request(t, 0);
-                }
+                while (G.sending && (s = dequeue()) != NULL)
+                        while (s->inflight < s->cap && !s->dead && send_request(s, 0) == 0)
+                                ;
         }
-        while (G.sending && !got_signal) {
+        while (G.sending && !lk_signal) {
                 uint64_t now, wait = 100 * WP_NSEC_PER_MSEC;
 
                 if (G.rate > 0)
-                        pump_open(); /* also the requests due just before t_stop */
+                        pump_open(true); /* also the requests due just before t_stop */
                 now = wp_now_ns();
                 if (now >= G.t_stop)
                         break;
-                if (G.rate > 0) {
-                        if (G.nidle > 0 && G.next_due > now && G.next_due - now < wait)
-                                wait = G.next_due - now;
-                        else if (G.nidle > 0 && G.next_due <= now)
-                                wait = 0;
-                }
+                if (G.rate > 0 && G.ring_len > 0)
+                        wait = G.next_due > now ? G.next_due - now : 0;
                 if (G.t_stop - now < wait)
                         wait = G.t_stop - now;
-                wp_loop_run_once(G.loop, wait);
-                if (G.conns_closed == G.nconns)
-                        break;
+                wp_loop_run_once(LK.loop, wait);
+                if (G.sess_ok && G.in_flight == 0 && G.ring_len == 0 && G.rate <= 0)
+                        break; /* every HTTP connection failed */
         }
         G.sending = false;
         uint64_t t_end = wp_now_ns();
         /* scheduled requests never sent are failures of the path (open loop only) */
         uint64_t unsent = 0;
 
-        if (G.rate > 0 && G.next_due < G.t_stop)
-                unsent = (G.t_stop - G.next_due + G.interval_ns - 1) / G.interval_ns;
+        if (G.rate > 0) {
+                uint64_t due = (uint64_t)(G.duration_s * G.rate + 0.999999);
+
+                unsent = due > G.nscheduled ? due - G.nscheduled : 0;
+        }
 
         /* 3. let the requests in flight finish (they count in requests_total only) */
         uint64_t drain_until = wp_now_ns() + 5 * WP_NSEC_PER_SEC;
 
-        while (G.in_flight > 0 && G.conns_closed < G.nconns && wp_now_ns() < drain_until)
-                wp_loop_run_once(G.loop, 50 * WP_NSEC_PER_MSEC);
+        while (G.in_flight > 0 && wp_now_ns() < drain_until)
+                wp_loop_run_once(LK.loop, 50 * WP_NSEC_PER_MSEC);
         if (G.in_flight > 0) {
-                note_error("requests still in flight at the end");
+                lk_note_error("requests still in flight at the end");
                 G.errors += G.in_flight;
         }
-        got_signal = got_signal ? got_signal : SIGTERM; /* teardown is not a failure */
-        for (unsigned i = 0; i < G.nconns; i++)
-                if (!G.conns[i].closed)
-                        hbone_conn_close(G.conns[i].c, 0, "done");
-        uint64_t close_until = wp_now_ns() + 5 * WP_NSEC_PER_SEC;
+        if (G.tls) {
+                lk_signal = lk_signal ? lk_signal : SIGTERM;
+                for (unsigned i = 0; i < G.nsess; i++)
+                        tconn_close(&G.tconns[i], NULL);
+                lk_run_until(tconns_done, wp_now_ns() + 5 * WP_NSEC_PER_SEC);
+        } else {
+                lk_close_all(5);
+        }
 
-        while (G.conns_closed < G.nconns && wp_now_ns() < close_until)
-                wp_loop_run_once(G.loop, 50 * WP_NSEC_PER_MSEC);
+        double measured_s = lk_secs(G.t_measure, t_end);
+        double rps = measured_s > 0 ? (double)G.hist.n / measured_s : 0;
 
-        double measured_s = secs(G.t_measure, t_end);
-        double rps = measured_s > 0 ? (double)G.done_measured / measured_s : 0;
-
-        printf("{\"mode\":\"%s\",\"connections\":%u,\"tunnels\":%u,\"tunnels_ok\":%u,"
+        printf("{\"mode\":\"%s\",\"transport\":\"%s\",\"proto\":\"%s\",\"connections\":%u,"
+               "\"tunnels\":%u,\"streams\":%u,\"sessions_ok\":%u,"
                "\"rate\":%.1f,\"duration\":%.3f,\"warmup\":%.3f,\"setup_seconds\":%.3f,"
                "\"requests\":%llu,\"requests_total\":%llu,\"errors\":%llu,\"non200\":%llu,"
                "\"unsent\":%llu,\"rps\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,"
                "\"p999_us\":%.1f,\"max_us\":%.1f,\"mean_us\":%.1f,\"mean_send_lag_us\":%.1f,"
                "\"error\":\"%s\"}\n",
-               G.rate > 0 ? "open" : "closed", G.nconns, G.ntunnels, G.ok200, G.rate,
-               secs(G.t_start, t_end), G.warmup_s, setup_s,
-               (unsigned long long)G.done_measured, (unsigned long long)G.done_total,
+               G.rate > 0 ? "open" : "closed", G.tls ? "tls" : "hbone",
+               G.proto == P_H2 ? "h2" : "h1", LK.nconns, G.tls ? 0 : LK.ntunnels, G.streams,
+               G.sess_ok, G.rate, lk_secs(G.t_start, t_end), G.warmup_s, setup_s,
+               (unsigned long long)G.hist.n, (unsigned long long)G.done_total,
                (unsigned long long)G.errors, (unsigned long long)G.non200,
-               (unsigned long long)unsent, rps, percentile_us(0.50), percentile_us(0.90),
-               percentile_us(0.99), percentile_us(0.999), (double)G.lat_max_ns / 1e3,
-               G.done_measured ? (double)G.lat_sum_ns / (double)G.done_measured / 1e3 : 0.0,
+               (unsigned long long)unsent, rps, lk_hist_us(&G.hist, 0.50),
+               lk_hist_us(&G.hist, 0.90), lk_hist_us(&G.hist, 0.99), lk_hist_us(&G.hist, 0.999),
+               (double)G.hist.max_ns / 1e3,
+               G.hist.n ? (double)G.hist.sum_ns / (double)G.hist.n / 1e3 : 0.0,
                G.sent ? (double)G.lag_sum_ns / (double)G.sent / 1e3 : 0.0,
-               G.first_error ? G.first_error : "");
+               LK.first_error ? LK.first_error : "");
         fflush(stdout);
-        if (G.conns_closed == G.nconns) {
-                for (unsigned i = 0; i < G.nconns; i++) {
-                        hbone_conn_free(G.conns[i].c);
-                        wp_free(G.conns[i].tunnels);
-                }
-                wp_free(G.conns);
-                wp_free(G.tunnels);
-                wp_free(G.idle);
-                wp_free(G.req);
-                wp_tls_ctx_unref(G.tls);
-                wp_loop_free(G.loop);
-        }
-        bool ok = G.ok200 == G.ntunnels && !G.errors && !G.non200 && !unsent;
+        bool ok = G.sess_ok == G.nsess && !G.errors && !G.non200 && !unsent;
 
+        if (G.tls && tconns_done()) {
+                for (unsigned i = 0; i < G.nsess; i++) {
+                        sess_free(&G.tconns[i].s);
+                        wp_tls_free(G.tconns[i].tls);
+                }
+                wp_free(G.tconns);
+                wp_tls_ctx_unref(LK.tls);
+                wp_loop_free(LK.loop);
+        } else if (!G.tls) {
+                for (unsigned i = 0; i < G.nsess; i++)
+                        sess_free(&G.tunnels[i].s);
+                lk_free();
+                if (!LK.conns)
+                        wp_free(G.tunnels);
+        }
+        wp_free(G.ring);
+        wp_free(G.req);
+        nghttp2_session_callbacks_del(G.ngcb);
         return ok ? 0 : 1;
 }
