@@ -166,7 +166,7 @@ fi
 /usr/bin/python3 tests/tools/mkpki.py "$work/pki" >/dev/null
 P=$work/pki
 CLIENT=(--cert "$P/client.pem" --key "$P/client.key" --root "$P/root.pem")
-# the configs of run.sh / l7.sh, moved to this script's addresses
+# the benchmark configs (gen_config.py, gen_http_config.py), moved to this script's addresses
 /usr/bin/python3 - "$work" <<'PY'
 import io, json, os, sys
 from contextlib import redirect_stdout
