@@ -21,7 +21,7 @@
 #define PENDING_CHUNK (16 * 1024)
 /* pending is bounded by what the peer may legally send: its stream window (at most 2^31-1) */
 #define PENDING_MAX_CHUNKS ((size_t)(1u << 31) / PENDING_CHUNK)
-#define DEFAULT_TCP_QUEUE (256 * 1024)
+#define DEFAULT_TCP_QUEUE  (256 * 1024)
 
 enum end_kind { END_NONE, END_STREAM, END_TCP };
 
@@ -449,9 +449,8 @@ int hbone_relay_attach_tcp(struct hbone_relay *r, int fd)
 
 /* ---- stream ends ---- */
 
-int hbone_relay_open_hbone(struct hbone_relay *r, struct hbone_conn *up_conn,
-                           const char *authority, const struct hbone_header *extra,
-                           size_t nextra)
+int hbone_relay_open_hbone(struct hbone_relay *r, struct hbone_conn *up_conn, const char *authority,
+                           const struct hbone_header *extra, size_t nextra)
 {
         struct hbone_session *s = hbone_conn_session(up_conn);
         struct hbone_stream *st;
@@ -580,7 +579,10 @@ static void check_done(struct hbone_relay *r)
 
 void hbone_relay_fail(struct hbone_relay *r, unsigned status, const char *reason)
 {
-        respond_down(r, status, reason);
+        if (r->answered)
+                end_reset(&r->down); /* too late for a status: the tunnel is reset */
+        else
+                respond_down(r, status, reason);
         if (r->up.kind == END_NONE)
                 r->up.closed = true;
         check_done(r);

@@ -75,7 +75,7 @@ int hbone_relay_open_hbone(struct hbone_relay *r, struct hbone_conn *up_conn,
                            const char *authority, const struct hbone_header *extra,
                            size_t nextra);
 /* The upstream could not be reached (e.g. the pooled connection failed): answers the down
- * stream with status and reason (when not yet answered) and finishes. */
+ * stream with status and reason, or resets it when it was answered already, and finishes. */
 void hbone_relay_fail(struct hbone_relay *r, unsigned status, const char *reason);
 /* True while the relay waits for an upstream (none started, or connecting). */
 bool hbone_relay_waiting(const struct hbone_relay *r);

@@ -38,6 +38,7 @@ struct wp_options {
         uint32_t connect_timeout_ms;  /* 0: from the cluster */
         uint32_t handshake_timeout_ms;
         uint32_t pool_idle_ms;
+        uint32_t sniff_ms; /* protocol detection on ports of unknown protocol, then TCP */
         uint32_t drain_ms;     /* terminationDrainDuration */
         uint32_t min_drain_ms; /* MINIMUM_DRAIN_DURATION: never exit before this */
         bool exit_on_zero;     /* EXIT_ON_ZERO_ACTIVE_CONNECTIONS: exit once idle */

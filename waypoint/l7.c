@@ -58,7 +58,7 @@
 #define L7_MIRROR_BODY  (64 * 1024)  /* a mirrored request's body; larger ones are not mirrored */
 #define L7_MAX_SHADOWS  4
 
-enum { OBJ_TUNNEL = 1, OBJ_UP = 2 };
+enum { OBJ_TUNNEL = 1, OBJ_UP = 2, OBJ_SNIFF = 3 };
 
 struct l7obj {
         int kind;
@@ -3484,35 +3484,194 @@ static void t_on_close(struct l7t *t)
         t_free(t);
 }
 
-int wp_l7_tunnel_start(const struct wp_l7_start *s)
+/* Creates the tunnel's L7 state; the CONNECT is answered 200 unless it was already. */
+static struct l7t *l7_start(const struct wp_l7_start *s, const struct wp_chain *chain,
+                            const struct sockaddr_storage *dst, const char *target,
+                            const char *baggage, bool answered)
 {
-        const struct wp_http_conf *http = s->chain->http;
+        const struct wp_http_conf *http = chain->http;
         const struct sockaddr_storage *peer = hbone_conn_peer_addr(s->conn);
         struct l7t *t = t_alloc(http, true);
 
         if (!t)
-                return -ENOMEM;
+                return NULL;
         t->w = s->w;
         t->loop = s->loop;
         t->conn = s->conn;
         t->down = s->st;
-        t->chain = s->chain;
+        t->chain = chain;
         t->id = s->id;
         t->pool_idle_ms = s->pool_idle_ms;
         t->connect_timeout_ms = s->connect_timeout_ms;
         t->peer_principal = hbone_conn_peer_uri(s->conn);
         if (peer)
                 t->src = *peer;
-        memcpy(&t->dst, &s->req->target.addr, s->req->target.addrlen);
-        snprintf(t->target, sizeof(t->target), "%s", s->req->authority);
-        if (s->req->baggage)
-                snprintf(t->baggage, sizeof(t->baggage), "%s", s->req->baggage);
+        t->dst = *dst;
+        snprintf(t->target, sizeof(t->target), "%s", target);
+        if (baggage)
+                snprintf(t->baggage, sizeof(t->baggage), "%s", baggage);
         t->snap = wp_snapshot_ref(s->snap);
         hbone_stream_set_user(s->st, TAG(t));
+        if (!answered) {
+                hbone_stream_respond(s->st, 200, NULL, 0);
+                hbone_conn_kick(s->conn);
+        }
+        wp_debug("l7", "[T%lu] %s -> %s: HTTP chain %s", (unsigned long)t->id,
+                 t->peer_principal ? t->peer_principal : "?", t->target, chain->name);
+        return t;
+}
+
+int wp_l7_tunnel_start(const struct wp_l7_start *s)
+{
+        struct sockaddr_storage dst = {0};
+
+        memcpy(&dst, &s->req->target.addr, s->req->target.addrlen);
+        return l7_start(s, s->chain, &dst, s->req->authority, s->req->baggage, false) ? 0 : -ENOMEM;
+}
+
+/* ---- protocol sniffing (Envoy's http_inspector) ---- */
+
+#define SNIFF_MAX 8192 /* an HTTP/1.x request line longer than this is not taken as HTTP */
+
+struct l7sniff {
+        struct l7obj obj;
+        struct wp_l7_start s; /* s.req is not valid after wp_l7_sniff_start */
+        struct sockaddr_storage dst;
+        char target[WP_AUTHORITY_MAX];
+        char baggage[512];
+        struct dbuf rx;
+        bool eof;
+        struct wp_timer timer;
+};
+
+static const char h2_preface_bytes[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+static bool sniff_tchar(uint8_t c)
+{
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+               (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* The ApplicationProtocolInput value for the first n bytes: "'h2c'", "'http/1.1'",
+ * "'http/1.0'", "" (not HTTP), or NULL (undecided: more bytes needed; final: decide now). */
+static const char *sniff_proto(const uint8_t *p, size_t n, bool final)
+{
+        size_t i = 0, plen = sizeof(h2_preface_bytes) - 1;
+
+        if (n && memcmp(p, h2_preface_bytes, n < plen ? n : plen) == 0)
+                return n >= plen ? "'h2c'" : final ? "" : NULL;
+        /* request-line = method SP request-target SP HTTP-version CRLF (RFC 9112 §3) */
+        while (i < n && i < 32 && sniff_tchar(p[i]))
+                i++;
+        if (i == n)
+                return final || n >= 32 ? "" : NULL;
+        if (i == 0 || p[i] != ' ')
+                return "";
+        i++;
+        while (i < n && p[i] > ' ' && p[i] < 0x7f)
+                i++;
+        if (i == n)
+                return final || n >= SNIFF_MAX ? "" : NULL;
+        if (p[i] != ' ')
+                return "";
+        i++;
+        for (size_t k = 0; k < 8; k++, i++) {
+                if (i == n)
+                        return final ? "" : NULL;
+                if (p[i] != (uint8_t) "HTTP/1.x"[k] && !(k == 7 && (p[i] == '0' || p[i] == '1')))
+                        return "";
+        }
+        if (i == n)
+                return final ? "" : NULL;
+        if (p[i] != '\r' && p[i] != '\n')
+                return "";
+        return p[i - 1] == '0' ? "'http/1.0'" : "'http/1.1'";
+}
+
+static void sniff_free(struct l7sniff *sn)
+{
+        wp_timer_disarm(sn->s.loop, &sn->timer);
+        wp_snapshot_unref(sn->s.snap);
+        dbuf_free(&sn->rx);
+        wp_free(sn);
+}
+
+/* Hands the tunnel over once its protocol is known (or given up on), and frees the sniffer. */
+static void sniff_decide(struct l7sniff *sn, const char *proto)
+{
+        struct hbone_stream *st = sn->s.st;
+        bool needs = false;
+        const struct wp_chain *ch = wp_snapshot_lookup_proto(
+                sn->s.snap, (const struct sockaddr *)&sn->dst, proto, &needs);
+        int r = -ENOENT;
+
+        wp_debug("l7", "[T%lu] -> %s: protocol %s after %zu bytes: chain %s",
+                 (unsigned long)sn->s.id, sn->target, proto[0] ? proto : "(not HTTP)", sn->rx.len,
+                 ch ? ch->name : "none");
+        hbone_stream_set_user(st, NULL);
+        if (ch && ch->kind == WP_CHAIN_HTTP) {
+                struct l7t *t = l7_start(&sn->s, ch, &sn->dst, sn->target,
+                                         sn->baggage[0] ? sn->baggage : NULL, true);
+
+                r = t ? 0 : -ENOMEM;
+                if (t && sn->rx.len)
+                        r = t_on_data(t, dbuf_data(&sn->rx), sn->rx.len) < 0 ? -EPIPE : 0;
+                if (t && r == 0 && sn->eof)
+                        t_on_eof(t);
+        } else if (ch) {
+                r = wp_worker_tunnel_adopt(sn->s.w, sn->s.conn, st, sn->target, &sn->dst,
+                                           sn->baggage, ch, dbuf_data(&sn->rx), sn->rx.len,
+                                           sn->eof);
+        }
+        if (r == -ENOENT || r == -ENOMEM) {
+                /* not served after all (or no memory): the 200 went out, so reset */
+                hbone_stream_reset(st, HBONE_H2_CONNECT_ERROR);
+                hbone_conn_kick(sn->s.conn);
+        }
+        sniff_free(sn);
+}
+
+static void sniff_timeout(struct wp_timer *tm)
+{
+        struct l7sniff *sn = container_of(tm, struct l7sniff, timer);
+
+        /* a server-first protocol, or a client slow to speak: not HTTP */
+        sniff_decide(sn, sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
+}
+
+static int sniff_on_data(struct l7sniff *sn, const uint8_t *data, size_t len)
+{
+        const char *proto;
+
+        if (dbuf_append(&sn->rx, data, len) < 0)
+                return -ENOMEM;
+        proto = sniff_proto(dbuf_data(&sn->rx), sn->rx.len, false);
+        if (proto)
+                sniff_decide(sn, proto);
+        return 0;
+}
+
+int wp_l7_sniff_start(const struct wp_l7_start *s)
+{
+        struct l7sniff *sn = wp_calloc(1, sizeof(*sn));
+
+        if (!sn)
+                return -ENOMEM;
+        sn->obj.kind = OBJ_SNIFF;
+        sn->s = *s;
+        sn->s.req = NULL;
+        memcpy(&sn->dst, &s->req->target.addr, s->req->target.addrlen);
+        snprintf(sn->target, sizeof(sn->target), "%s", s->req->authority);
+        if (s->req->baggage)
+                snprintf(sn->baggage, sizeof(sn->baggage), "%s", s->req->baggage);
+        sn->s.snap = wp_snapshot_ref(s->snap);
+        sn->timer.on_fire = sniff_timeout;
+        wp_timer_arm(s->loop, &sn->timer,
+                     wp_now_ns() + (uint64_t)(s->sniff_ms ? s->sniff_ms : 1000) * WP_NSEC_PER_MSEC);
+        hbone_stream_set_user(s->st, TAG(sn));
+        /* Envoy answers the CONNECT before its listener filters read anything */
         hbone_stream_respond(s->st, 200, NULL, 0);
         hbone_conn_kick(s->conn);
-        wp_debug("l7", "[T%lu] %s -> %s: HTTP chain %s", (unsigned long)t->id,
-                 t->peer_principal ? t->peer_principal : "?", t->target, s->chain->name);
         return 0;
 }
 
@@ -3529,6 +3688,8 @@ int wp_l7_cb_on_data(struct hbone_stream *st, const uint8_t *data, size_t len, v
         o = UNTAG(user);
         if (o->kind == OBJ_TUNNEL)
                 return t_on_data((struct l7t *)o, data, len);
+        if (o->kind == OBJ_SNIFF)
+                return sniff_on_data((struct l7sniff *)o, data, len);
         return up_on_data((struct l7up *)o, data, len);
 }
 
@@ -3543,10 +3704,16 @@ void wp_l7_cb_on_eof(struct hbone_stream *st, void *user)
                 return;
         }
         o = UNTAG(user);
-        if (o->kind == OBJ_TUNNEL)
+        if (o->kind == OBJ_TUNNEL) {
                 t_on_eof((struct l7t *)o);
-        else
+        } else if (o->kind == OBJ_SNIFF) {
+                struct l7sniff *sn = (struct l7sniff *)o;
+
+                sn->eof = true;
+                sniff_decide(sn, sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
+        } else {
                 up_on_eof((struct l7up *)o);
+        }
 }
 
 void wp_l7_cb_on_writable(struct hbone_stream *st, void *user)
@@ -3562,7 +3729,7 @@ void wp_l7_cb_on_writable(struct hbone_stream *st, void *user)
         o = UNTAG(user);
         if (o->kind == OBJ_TUNNEL)
                 t_on_writable((struct l7t *)o);
-        else
+        else if (o->kind == OBJ_UP)
                 up_on_writable((struct l7up *)o);
 }
 
@@ -3579,6 +3746,8 @@ void wp_l7_cb_on_close(struct hbone_stream *st, uint32_t h2_error, void *user)
         o = UNTAG(user);
         if (o->kind == OBJ_TUNNEL)
                 t_on_close((struct l7t *)o);
+        else if (o->kind == OBJ_SNIFF)
+                sniff_free((struct l7sniff *)o); /* the client gave up before it was sniffed */
         else
                 up_on_close((struct l7up *)o);
 }

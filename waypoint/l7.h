@@ -51,11 +51,20 @@ struct wp_l7_start {
         uint64_t id;                 /* for logs */
         uint32_t pool_idle_ms;       /* idle upstream connections are closed after this */
         uint32_t connect_timeout_ms; /* 0: the cluster's */
+        uint32_t sniff_ms;           /* wp_l7_sniff_start: give up waiting for bytes after */
 };
 
 /* Takes the tunnel: answers 200 and serves HTTP (1.1 or h2c) on it. Returns 0, or -ENOMEM (the
  * tunnel was not touched: the caller answers it). */
 int wp_l7_tunnel_start(const struct wp_l7_start *s);
+
+/* The tunnel's destination port has an unknown protocol (istiod's ApplicationProtocolInput
+ * matcher: HTTP and TCP chains): answers 200, reads the first bytes as Envoy's http_inspector
+ * does (HTTP/2 preface: 'h2c'; an HTTP/1.x request line: 'http/1.1' or 'http/1.0'; anything
+ * else, end of stream, or nothing within s->sniff_ms for server-first protocols: none), looks
+ * the chain up again with that and hands the tunnel with its bytes to the HTTP path or to the
+ * worker's L4 path (wp_worker_tunnel_adopt). s->chain is unused. Returns 0 or -ENOMEM. */
+int wp_l7_sniff_start(const struct wp_l7_start *s);
 
 /* hbone_callbacks members for the worker's downstream and upstream sessions: streams owned by
  * this module carry a tagged stream_user; every other stream goes to hbone_relay_on_*. */
@@ -95,6 +104,13 @@ struct wp_telemetry_peer {
  * principal_buf (the destination principal is formatted there). */
 void wp_worker_metric_labels(const struct wp_snapshot *snap, const struct wp_telemetry_peer *p,
                              struct wp_metrics_labels *l, char *principal_buf, size_t cap);
+/* Starts an L4 tunnel on an answered stream (after sniffing) to chain, first relaying data
+ * (len bytes the client sent meanwhile, not credited back yet) and its end of stream. Returns 0
+ * or -ENOMEM (the stream is untouched: the caller resets it). Implemented in worker.c. */
+int wp_worker_tunnel_adopt(struct wp_worker *w, struct hbone_conn *conn, struct hbone_stream *st,
+                           const char *authority, const struct sockaddr_storage *dst,
+                           const char *baggage, const struct wp_chain *chain,
+                           const uint8_t *data, size_t len, bool eof);
 /* The worker's metrics shard, or NULL when metrics are off. */
 struct wp_metrics_shard *wp_worker_mshard(struct wp_worker *w);
 /* Writes c's line (one write(2) each) to every access log of chain ch whose filter matches,

@@ -23,7 +23,6 @@
 #include "waypoint/snapshot.h"
 #include "xds-client/resources.h"
 
-
 static volatile sig_atomic_t got_signal;
 
 static void on_signal(int sig)
@@ -55,6 +54,9 @@ static void usage(FILE *f)
               "  --stream-window BYTES       HTTP/2 stream window (4 MiB)\n"
               "  --connection-window BYTES   HTTP/2 connection window (16 MiB)\n"
               "  --pool-idle-ms MS           idle upstream connections close after (300000)\n"
+              "  --protocol-detection-ms MS  wait for a tunnel's first bytes on a port of unknown\n"
+              "                              protocol (HTTP or not) before taking it as TCP "
+              "(1000)\n"
               "  --drain-ms MS               drain period on SIGTERM (5000)\n"
               "without --config-file / --cert-file, config and identity come from istiod:\n"
               "  --xds-address HOST:PORT     istiod (PROXY_CONFIG discoveryAddress, else\n"
@@ -64,7 +66,8 @@ static void usage(FILE *f)
               "  --token-file FILE           bearer token (/var/run/secrets/tokens/istio-token)\n"
               "  --cluster-id ID             (ISTIO_META_CLUSTER_ID, else Kubernetes)\n"
               "  --pod-name, --pod-namespace, --pod-ip, --service-account\n"
-              "                              (POD_NAME, POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT)\n"
+              "                              (POD_NAME, POD_NAMESPACE, INSTANCE_IP, "
+              "SERVICE_ACCOUNT)\n"
               "  --xds-sotw                  state-of-the-world ADS instead of delta\n"
               "  --cert-ttl-s S              requested certificate lifetime (86400)\n"
               "  --max-xds-message BYTES     largest ADS message accepted (16 MiB)\n",
@@ -150,6 +153,7 @@ enum {
         OPT_SWIN,
         OPT_CWIN,
         OPT_IDLE,
+        OPT_SNIFF,
         OPT_DRAIN,
         OPT_XDS,
         OPT_CA,
@@ -188,6 +192,7 @@ static const struct option long_opts[] = {
         {"stream-window", required_argument, NULL, OPT_SWIN},
         {"connection-window", required_argument, NULL, OPT_CWIN},
         {"pool-idle-ms", required_argument, NULL, OPT_IDLE},
+        {"protocol-detection-ms", required_argument, NULL, OPT_SNIFF},
         {"drain-ms", required_argument, NULL, OPT_DRAIN},
         {"xds-address", required_argument, NULL, OPT_XDS},
         {"ca-address", required_argument, NULL, OPT_CA},
@@ -292,8 +297,7 @@ static int parse_args(int argc, char **argv, struct wp_options *o)
                                 goto bad;
                         break;
                 case OPT_SWIN:
-                        if (parse_u32(optarg, 65535, 0x7fffffff, &o->lim.initial_stream_window) <
-                            0)
+                        if (parse_u32(optarg, 65535, 0x7fffffff, &o->lim.initial_stream_window) < 0)
                                 goto bad;
                         break;
                 case OPT_CWIN:
@@ -302,6 +306,10 @@ static int parse_args(int argc, char **argv, struct wp_options *o)
                         break;
                 case OPT_IDLE:
                         if (parse_u32(optarg, 1, 86400000, &o->pool_idle_ms) < 0)
+                                goto bad;
+                        break;
+                case OPT_SNIFF:
+                        if (parse_u32(optarg, 1, 3600000, &o->sniff_ms) < 0)
                                 goto bad;
                         break;
                 case OPT_DRAIN:
@@ -442,6 +450,7 @@ int main(int argc, char **argv)
         o->io_backend = WP_IO_AUTO;
         o->handshake_timeout_ms = 10000;
         o->pool_idle_ms = 300000;
+        o->sniff_ms = 1000;
         o->drain_ms = 5000;
         o->exit_on_zero = true;
         drain_from_env(o);

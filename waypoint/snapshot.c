@@ -43,12 +43,16 @@
 #include "xds-client/resources.h"
 
 #define TYPE_PREFIX "type.googleapis.com/"
-#define INPUT_DST_IP TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput"
-#define INPUT_DST_PORT TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput"
-#define INPUT_APP_PROTO TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput"
-#define INPUT_TRANSPORT TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput"
-#define IP_MATCHER TYPE_PREFIX "xds.type.matcher.v3.IPMatcher"
-#define STRING_VALUE TYPE_PREFIX "google.protobuf.StringValue"
+#define INPUT_DST_IP                                                                               \
+        TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput"
+#define INPUT_DST_PORT                                                                             \
+        TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput"
+#define INPUT_APP_PROTO                                                                            \
+        TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput"
+#define INPUT_TRANSPORT                                                                            \
+        TYPE_PREFIX "envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput"
+#define IP_MATCHER      TYPE_PREFIX "xds.type.matcher.v3.IPMatcher"
+#define STRING_VALUE    TYPE_PREFIX "google.protobuf.StringValue"
 #define MAX_MATCH_DEPTH 16
 
 typedef Xds__Type__Matcher__V3__Matcher PbMatcher;
@@ -103,7 +107,7 @@ struct wp_name_map {
         struct name_slot {
                 const char *name; /* borrowed; NULL = empty */
                 size_t idx;
-        } *slots;
+        } * slots;
         size_t cap; /* power of two, or 0 */
 };
 
@@ -251,9 +255,12 @@ static int compile_endpoint(struct build *b, const char *cname, size_t li, size_
         const Envoy__Config__Endpoint__V3__Endpoint *e;
         const Envoy__Config__Core__V3__Address *a;
 
-        if (lbe->host_identifier_case != ENVOY__CONFIG__ENDPOINT__V3__LB_ENDPOINT__HOST_IDENTIFIER_ENDPOINT ||
+        if (lbe->host_identifier_case !=
+                    ENVOY__CONFIG__ENDPOINT__V3__LB_ENDPOINT__HOST_IDENTIFIER_ENDPOINT ||
             !lbe->endpoint || !lbe->endpoint->address)
-                return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address: missing",
+                return fail(b,
+                            "ClusterLoadAssignment %s: "
+                            "endpoints[%zu].lb_endpoints[%zu].endpoint.address: missing",
                             cname, li, ei);
         e = lbe->endpoint;
         a = e->address;
@@ -261,11 +268,15 @@ static int compile_endpoint(struct build *b, const char *cname, size_t li, size_
         case ENVOY__CONFIG__CORE__V3__ADDRESS__ADDRESS_SOCKET_ADDRESS: {
                 const Envoy__Config__Core__V3__SocketAddress *sa = a->socket_address;
 
-                if (sa->port_specifier_case != ENVOY__CONFIG__CORE__V3__SOCKET_ADDRESS__PORT_SPECIFIER_PORT_VALUE ||
+                if (sa->port_specifier_case !=
+                            ENVOY__CONFIG__CORE__V3__SOCKET_ADDRESS__PORT_SPECIFIER_PORT_VALUE ||
                     set_ip_port(ep, sa->address, sa->port_value) < 0)
-                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address.socket_address: "
-                                    "'%s' port %u is not an IP address and port",
-                                    cname, li, ei, sa->address, sa->port_value);
+                        return fail(
+                                b,
+                                "ClusterLoadAssignment %s: "
+                                "endpoints[%zu].lb_endpoints[%zu].endpoint.address.socket_address: "
+                                "'%s' port %u is not an IP address and port",
+                                cname, li, ei, sa->address, sa->port_value);
                 ep->hbone = false;
                 return 1;
         }
@@ -276,21 +287,28 @@ static int compile_endpoint(struct build *b, const char *cname, size_t li, size_
 
                 if (ia->address_name_specifier_case !=
                     ENVOY__CONFIG__CORE__V3__ENVOY_INTERNAL_ADDRESS__ADDRESS_NAME_SPECIFIER_SERVER_LISTENER_NAME)
-                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address.envoy_internal_address: "
-                                    "server_listener_name missing", cname, li, ei);
+                        return fail(b,
+                                    "ClusterLoadAssignment %s: "
+                                    "endpoints[%zu].lb_endpoints[%zu].endpoint.address.envoy_"
+                                    "internal_address: "
+                                    "server_listener_name missing",
+                                    cname, li, ei);
                 if (strcmp(ia->server_listener_name, "connect_originate") != 0)
                         return 2; /* e.g. main_internal: plumbing of Envoy's own listeners */
-                target = struct_string(filter_metadata(lbe->metadata,
-                                                       "envoy.filters.listener.original_dst"),
-                                       "local");
+                target = struct_string(
+                        filter_metadata(lbe->metadata, "envoy.filters.listener.original_dst"),
+                        "local");
                 if (!target && ia->endpoint_id && ia->endpoint_id[0])
                         target = ia->endpoint_id;
                 if (!target)
                         return 0;
                 if (hbone_target_parse(target, strlen(target), &t) < 0 || !t.is_ip)
-                        return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].metadata.filter_metadata"
-                                    "[envoy.filters.listener.original_dst].local: '%s' is not ip:port",
-                                    cname, li, ei, target);
+                        return fail(
+                                b,
+                                "ClusterLoadAssignment %s: "
+                                "endpoints[%zu].lb_endpoints[%zu].metadata.filter_metadata"
+                                "[envoy.filters.listener.original_dst].local: '%s' is not ip:port",
+                                cname, li, ei, target);
                 memcpy(&ep->addr, &t.addr, t.addrlen);
                 ep->addrlen = t.addrlen;
                 hbone_target_format((struct sockaddr *)&ep->addr, ep->authority,
@@ -299,13 +317,16 @@ static int compile_endpoint(struct build *b, const char *cname, size_t li, size_
                 return 1;
         }
         default:
-                return fail(b, "ClusterLoadAssignment %s: endpoints[%zu].lb_endpoints[%zu].endpoint.address: "
-                            "pipe addresses are not supported", cname, li, ei);
+                return fail(b,
+                            "ClusterLoadAssignment %s: "
+                            "endpoints[%zu].lb_endpoints[%zu].endpoint.address: "
+                            "pipe addresses are not supported",
+                            cname, li, ei);
         }
 }
 
 static const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *find_cla(struct build *b,
-                                                                           const char *name)
+                                                                          const char *name)
 {
         return (const Envoy__Config__Endpoint__V3__ClusterLoadAssignment *)xds_resources_find(
                 b->res, XDS_RES_CLA, name);
@@ -378,22 +399,30 @@ static int compile_http_protocol(struct build *b, const Envoy__Config__Cluster__
                 const char *err = NULL;
                 int r;
 
-                if (!e->key || strcmp(e->key, "envoy.extensions.upstreams.http.v3.HttpProtocolOptions") ||
+                if (!e->key ||
+                    strcmp(e->key, "envoy.extensions.upstreams.http.v3.HttpProtocolOptions") ||
                     !e->value)
                         continue;
-                r = xds_any_unpack(e->value, &envoy__extensions__upstreams__http__v3__http_protocol_options__descriptor,
-                                   (ProtobufCMessage **)&o, &err);
+                r = xds_any_unpack(
+                        e->value,
+                        &envoy__extensions__upstreams__http__v3__http_protocol_options__descriptor,
+                        (ProtobufCMessage **)&o, &err);
                 if (r < 0)
-                        return r == -ENOMEM ? r : fail(b, "Cluster %s: typed_extension_protocol_options: %s",
-                                                       pc->name, err ? err : "invalid HttpProtocolOptions");
+                        return r == -ENOMEM
+                                       ? r
+                                       : fail(b, "Cluster %s: typed_extension_protocol_options: %s",
+                                              pc->name, err ? err : "invalid HttpProtocolOptions");
                 switch (o->upstream_protocol_options_case) {
                 case ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__UPSTREAM_PROTOCOL_OPTIONS_EXPLICIT_HTTP_CONFIG:
                         if (o->explicit_http_config->protocol_config_case ==
                             ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__EXPLICIT_HTTP_CONFIG__PROTOCOL_CONFIG_HTTP2_PROTOCOL_OPTIONS)
                                 c->http_protocol = WP_UPSTREAM_HTTP2;
-                        else if (o->explicit_http_config->protocol_config_case ==
-                                 ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__EXPLICIT_HTTP_CONFIG__PROTOCOL_CONFIG_HTTP3_PROTOCOL_OPTIONS)
-                                r = fail(b, "Cluster %s: typed_extension_protocol_options: HTTP/3 is not supported",
+                        else if (
+                                o->explicit_http_config->protocol_config_case ==
+                                ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__EXPLICIT_HTTP_CONFIG__PROTOCOL_CONFIG_HTTP3_PROTOCOL_OPTIONS)
+                                r = fail(b,
+                                         "Cluster %s: typed_extension_protocol_options: HTTP/3 is "
+                                         "not supported",
                                          pc->name);
                         break;
                 case ENVOY__EXTENSIONS__UPSTREAMS__HTTP__V3__HTTP_PROTOCOL_OPTIONS__UPSTREAM_PROTOCOL_OPTIONS_USE_DOWNSTREAM_PROTOCOL_CONFIG:
@@ -426,7 +455,8 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
         hr = compile_http_protocol(b, pc, c);
         if (hr < 0)
                 return hr;
-        if (pc->cluster_discovery_type_case != ENVOY__CONFIG__CLUSTER__V3__CLUSTER__CLUSTER_DISCOVERY_TYPE_TYPE)
+        if (pc->cluster_discovery_type_case !=
+            ENVOY__CONFIG__CLUSTER__V3__CLUSTER__CLUSTER_DISCOVERY_TYPE_TYPE)
                 return fail(b, "Cluster %s: cluster_type: custom cluster types are not supported",
                             pc->name);
         switch (pc->type) {
@@ -443,12 +473,18 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
                 break;
         case ENVOY__CONFIG__CLUSTER__V3__CLUSTER__DISCOVERY_TYPE__ORIGINAL_DST:
                 if (!strcmp(pc->name, "connect_originate")) {
-                        if (pc->lb_config_case == ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_CONFIG_ORIGINAL_DST_LB_CONFIG &&
+                        if (pc->lb_config_case ==
+                                    ENVOY__CONFIG__CLUSTER__V3__CLUSTER__LB_CONFIG_ORIGINAL_DST_LB_CONFIG &&
                             pc->original_dst_lb_config->upstream_port_override) {
-                                uint32_t p = pc->original_dst_lb_config->upstream_port_override->value;
+                                uint32_t p =
+                                        pc->original_dst_lb_config->upstream_port_override->value;
 
                                 if (p == 0 || p > 65535)
-                                        return fail(b, "Cluster connect_originate: original_dst_lb_config.upstream_port_override: %u out of range", p);
+                                        return fail(b,
+                                                    "Cluster connect_originate: "
+                                                    "original_dst_lb_config.upstream_port_override:"
+                                                    " %u out of range",
+                                                    p);
                                 b->s->hbone_port = (uint16_t)p;
                         }
                         b->s->connect_timeout_ms = c->connect_timeout_ms;
@@ -494,8 +530,10 @@ static int compile_cluster(struct build *b, const Envoy__Config__Cluster__V3__Cl
                         ep->weight = lbe->load_balancing_weight && lbe->load_balancing_weight->value
                                              ? lbe->load_balancing_weight->value
                                              : 1;
-                        ep->healthy = lbe->health_status == ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__UNKNOWN ||
-                                      lbe->health_status == ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__HEALTHY;
+                        ep->healthy = lbe->health_status ==
+                                              ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__UNKNOWN ||
+                                      lbe->health_status ==
+                                              ENVOY__CONFIG__CORE__V3__HEALTH_STATUS__HEALTHY;
                         if (ep->healthy)
                                 c->nhealthy++;
                         k++;
@@ -526,8 +564,10 @@ static bool is_optional_filter(const char *name)
 {
         /* filters that do not change what passes: telemetry and filter-state plumbing */
         static const char *const optional[] = {
-                "istio.stats",           "connect_authority",
-                "envoy.filters.network.set_filter_state", "istio.metadata_exchange",
+                "istio.stats",
+                "connect_authority",
+                "envoy.filters.network.set_filter_state",
+                "istio.metadata_exchange",
                 "envoy.filters.network.connection_limit",
         };
         for (size_t i = 0; i < sizeof(optional) / sizeof(optional[0]); i++)
@@ -557,7 +597,8 @@ static int compile_access_logs(struct build *b, const char *where,
 
                 if (r == -EOPNOTSUPP) {
                         wp_warn("snapshot", "%s.typed_config.access_log[%zu] (%s): skipped: %s",
-                                where, i, als[i]->name ? als[i]->name : "", err ? err : "unsupported");
+                                where, i, als[i]->name ? als[i]->name : "",
+                                err ? err : "unsupported");
                         continue;
                 }
                 if (r == -ENOMEM)
@@ -574,8 +615,8 @@ static int compile_access_logs(struct build *b, const char *where,
                         if (fd < 0) {
                                 r = errno;
                                 wp_al_logger_free(l);
-                                return fail(b, "%s.typed_config.access_log[%zu].path %s: %s",
-                                            where, i, path, strerror(r));
+                                return fail(b, "%s.typed_config.access_log[%zu].path %s: %s", where,
+                                            i, path, strerror(r));
                         }
                         break;
                 default:
@@ -628,7 +669,8 @@ static bool is_empty_only_http_filter(const char *name)
 struct perroute_check {
         struct build *b;
         const char *where; /* "Listener main_internal: filter_chains[i] (name).filters[j]" */
-        const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager *hcm;
+        const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager
+                *hcm;
 };
 
 /* typed_per_filter_config entries we would have to honour: fault/cors (not implemented) and
@@ -639,13 +681,16 @@ static int check_perroute(struct wp_route_filter_config *fc, void *user)
         struct perroute_check *pc = user;
 
         for (size_t i = 0; i < pc->hcm->n_http_filters; i++) {
-                const char *n = pc->hcm->http_filters[i]->name ? pc->hcm->http_filters[i]->name : "";
+                const char *n =
+                        pc->hcm->http_filters[i]->name ? pc->hcm->http_filters[i]->name : "";
 
                 if (strcmp(n, fc->filter_name) != 0 || is_noop_http_filter(n))
                         continue;
                 if (pc->hcm->http_filters[i]->disabled)
                         continue;
-                return fail(pc->b, "%s.typed_config.route_config: typed_per_filter_config[%s] (%s): per-route filter configuration is not implemented",
+                return fail(pc->b,
+                            "%s.typed_config.route_config: typed_per_filter_config[%s] (%s): "
+                            "per-route filter configuration is not implemented",
                             pc->where, fc->filter_name, fc->type_url ? fc->type_url : "?");
         }
         return 0;
@@ -664,9 +709,10 @@ static void http_conf_free(struct wp_http_conf *h)
 }
 
 /* Compiles one HTTP filter into h->filters (or skips it). */
-static int compile_http_filter(struct build *b, const char *where, size_t k,
-                               const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter *hf,
-                               struct wp_http_conf *h)
+static int compile_http_filter(
+        struct build *b, const char *where, size_t k,
+        const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter *hf,
+        struct wp_http_conf *h)
 {
         const char *name = hf->name ? hf->name : "";
         const struct flt_ops *ops;
@@ -686,39 +732,50 @@ static int compile_http_filter(struct build *b, const char *where, size_t k,
                         return 0;
                 if (hf->is_optional)
                         return 0;
-                return fail(b, "%s.typed_config.http_filters[%zu] (%s): a non-empty configuration is not implemented",
+                return fail(b,
+                            "%s.typed_config.http_filters[%zu] (%s): a non-empty configuration is "
+                            "not implemented",
                             where, k, name);
         }
         ops = flt_registry_lookup(name);
         if (!ops) {
                 if (hf->is_optional)
                         return 0;
-                return fail(b, "%s.typed_config.http_filters[%zu] (%s): HTTP filter not implemented",
+                return fail(b,
+                            "%s.typed_config.http_filters[%zu] (%s): HTTP filter not implemented",
                             where, k, name[0] ? name : "(unnamed)");
         }
         if (hf->config_type_case !=
             ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_FILTER__CONFIG_TYPE_TYPED_CONFIG)
-                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: missing (config_discovery is not supported)",
+                return fail(b,
+                            "%s.typed_config.http_filters[%zu] (%s).typed_config: missing "
+                            "(config_discovery is not supported)",
                             where, k, name);
         if (!hf->typed_config->type_url || strcmp(hf->typed_config->type_url, ops->type_url) != 0)
-                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s', expected '%s'",
+                return fail(b,
+                            "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s', "
+                            "expected '%s'",
                             where, k, name,
-                            hf->typed_config->type_url ? hf->typed_config->type_url : "", ops->type_url);
+                            hf->typed_config->type_url ? hf->typed_config->type_url : "",
+                            ops->type_url);
         desc = xds_registry_lookup(ops->type_url);
         if (!desc)
-                return fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s' unknown",
-                            where, k, name, ops->type_url);
+                return fail(
+                        b, "%s.typed_config.http_filters[%zu] (%s).typed_config: type '%s' unknown",
+                        where, k, name, ops->type_url);
         r = xds_any_unpack(hf->typed_config, desc, &msg, &err);
         if (r < 0)
-                return r == -ENOMEM ? r : fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: %s",
-                                               where, k, name, err ? err : "invalid");
+                return r == -ENOMEM
+                               ? r
+                               : fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config: %s",
+                                      where, k, name, err ? err : "invalid");
         err = NULL;
         r = ops->conf_new(msg, &conf, &err, &heap);
         xds_pbjson_message_free(msg);
         if (r < 0) {
                 if (r != -ENOMEM || err)
-                        r = fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config.%s", where, k,
-                                 name, err ? err : "out of memory");
+                        r = fail(b, "%s.typed_config.http_filters[%zu] (%s).typed_config.%s", where,
+                                 k, name, err ? err : "out of memory");
                 if (heap)
                         wp_free((void *)err);
                 return r;
@@ -733,7 +790,8 @@ static int compile_http_filter(struct build *b, const char *where, size_t k,
 static int compile_hcm(struct build *b, size_t idx, size_t fi,
                        const Envoy__Config__Listener__V3__Filter *f, struct wp_chain *ch)
 {
-        Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager *hcm = NULL;
+        Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager *hcm =
+                NULL;
         const Envoy__Config__Route__V3__RouteConfiguration *rc = NULL;
         struct wp_http_conf *h = NULL;
         struct perroute_check prc;
@@ -742,17 +800,20 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
         bool router = false;
         int r;
 
-        snprintf(where, sizeof(where), "Listener main_internal: filter_chains[%zu] (%s).filters[%zu]",
-                 idx, ch->name, fi);
+        snprintf(where, sizeof(where),
+                 "Listener main_internal: filter_chains[%zu] (%s).filters[%zu]", idx, ch->name, fi);
         if (f->config_type_case != ENVOY__CONFIG__LISTENER__V3__FILTER__CONFIG_TYPE_TYPED_CONFIG)
                 return fail(b, "%s.typed_config: missing", where);
-        r = xds_any_unpack(f->typed_config,
-                           &envoy__extensions__filters__network__http_connection_manager__v3__http_connection_manager__descriptor,
-                           (ProtobufCMessage **)&hcm, &err);
+        r = xds_any_unpack(
+                f->typed_config,
+                &envoy__extensions__filters__network__http_connection_manager__v3__http_connection_manager__descriptor,
+                (ProtobufCMessage **)&hcm, &err);
         if (r < 0)
-                return r == -ENOMEM ? r : fail(b, "%s.typed_config: %s", where,
-                                               err ? err : "invalid HttpConnectionManager");
-        if (hcm->codec_type == ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__CODEC_TYPE__HTTP3) {
+                return r == -ENOMEM ? r
+                                    : fail(b, "%s.typed_config: %s", where,
+                                           err ? err : "invalid HttpConnectionManager");
+        if (hcm->codec_type ==
+            ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__CODEC_TYPE__HTTP3) {
                 r = fail(b, "%s.typed_config.codec_type: HTTP3 is not supported", where);
                 goto out;
         }
@@ -763,12 +824,14 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
                 goto out;
         }
         for (size_t k = 0; k < hcm->n_http_filters; k++) {
-                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter *hf =
-                        hcm->http_filters[k];
+                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpFilter
+                        *hf = hcm->http_filters[k];
                 const char *name = hf->name ? hf->name : "";
 
                 if (router) {
-                        r = fail(b, "%s.typed_config.http_filters[%zu] (%s): after the router (the router must be last)",
+                        r = fail(b,
+                                 "%s.typed_config.http_filters[%zu] (%s): after the router (the "
+                                 "router must be last)",
                                  where, k, name);
                         goto out;
                 }
@@ -785,8 +848,8 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
                 goto out;
         }
         for (size_t k = 0; k < hcm->n_upgrade_configs; k++) {
-                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager__UpgradeConfig *uc =
-                        hcm->upgrade_configs[k];
+                const Envoy__Extensions__Filters__Network__HttpConnectionManager__V3__HttpConnectionManager__UpgradeConfig
+                        *uc = hcm->upgrade_configs[k];
 
                 if (!uc->upgrade_type || strcasecmp(uc->upgrade_type, "websocket") != 0)
                         continue; /* CONNECT and others: refused per request (403) */
@@ -803,8 +866,9 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
         if (hcm->route_specifier_case ==
             ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_ROUTE_CONFIG) {
                 rc = hcm->route_config;
-        } else if (hcm->route_specifier_case ==
-                   ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_RDS) {
+        } else if (
+                hcm->route_specifier_case ==
+                ENVOY__EXTENSIONS__FILTERS__NETWORK__HTTP_CONNECTION_MANAGER__V3__HTTP_CONNECTION_MANAGER__ROUTE_SPECIFIER_RDS) {
                 const char *rn = hcm->rds->route_config_name ? hcm->rds->route_config_name : "";
 
                 rc = (const Envoy__Config__Route__V3__RouteConfiguration *)xds_resources_find(
@@ -828,7 +892,8 @@ static int compile_hcm(struct build *b, size_t idx, size_t fi,
         if (r < 0) {
                 if (r != -ENOMEM || err)
                         r = fail(b, "%s.typed_config.%s%s: %s", where,
-                                 rc == hcm->route_config ? "route_config" : "rds RouteConfiguration ",
+                                 rc == hcm->route_config ? "route_config"
+                                                         : "rds RouteConfiguration ",
                                  rc == hcm->route_config ? "" : (rc->name ? rc->name : ""),
                                  err ? err : "out of memory");
                 goto out;
@@ -847,8 +912,8 @@ out:
         return r;
 }
 
-static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Listener__V3__FilterChain *fc,
-                         struct wp_chain *ch)
+static int compile_chain(struct build *b, size_t idx,
+                         const Envoy__Config__Listener__V3__FilterChain *fc, struct wp_chain *ch)
 {
         bool terminal = false;
 
@@ -867,16 +932,26 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                         const char *err = NULL;
                         int r;
 
-                        if (f->config_type_case != ENVOY__CONFIG__LISTENER__V3__FILTER__CONFIG_TYPE_TYPED_CONFIG)
-                                return fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: missing",
+                        if (f->config_type_case !=
+                            ENVOY__CONFIG__LISTENER__V3__FILTER__CONFIG_TYPE_TYPED_CONFIG)
+                                return fail(b,
+                                            "Listener main_internal: filter_chains[%zu] "
+                                            "(%s).filters[%zu].typed_config: missing",
                                             idx, fc->name, i);
-                        r = xds_any_unpack(f->typed_config,
-                                           &envoy__extensions__filters__network__tcp_proxy__v3__tcp_proxy__descriptor,
-                                           (ProtobufCMessage **)&tp, &err);
+                        r = xds_any_unpack(
+                                f->typed_config,
+                                &envoy__extensions__filters__network__tcp_proxy__v3__tcp_proxy__descriptor,
+                                (ProtobufCMessage **)&tp, &err);
                         if (r < 0)
-                                return r == -ENOMEM ? r : fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: %s",
-                                                               idx, fc->name, i, err ? err : "invalid TcpProxy");
-                        if (tp->cluster_specifier_case == ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_CLUSTER) {
+                                return r == -ENOMEM
+                                               ? r
+                                               : fail(b,
+                                                      "Listener main_internal: filter_chains[%zu] "
+                                                      "(%s).filters[%zu].typed_config: %s",
+                                                      idx, fc->name, i,
+                                                      err ? err : "invalid TcpProxy");
+                        if (tp->cluster_specifier_case ==
+                            ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_CLUSTER) {
                                 ch->clusters = wp_calloc(1, sizeof(*ch->clusters));
                                 if (!ch->clusters) {
                                         xds_pbjson_message_free(&tp->base);
@@ -886,9 +961,14 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                                 ch->clusters[0].cluster = find_cluster(b, tp->cluster);
                                 ch->clusters[0].weight = 1;
                                 if (!ch->clusters[0].cluster)
-                                        r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.cluster: unknown cluster '%s'",
+                                        r = fail(b,
+                                                 "Listener main_internal: filter_chains[%zu] "
+                                                 "(%s).filters[%zu].typed_config.cluster: unknown "
+                                                 "cluster '%s'",
                                                  idx, fc->name, i, tp->cluster);
-                        } else if (tp->cluster_specifier_case == ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_WEIGHTED_CLUSTERS) {
+                        } else if (
+                                tp->cluster_specifier_case ==
+                                ENVOY__EXTENSIONS__FILTERS__NETWORK__TCP_PROXY__V3__TCP_PROXY__CLUSTER_SPECIFIER_WEIGHTED_CLUSTERS) {
                                 size_t n = tp->weighted_clusters->n_clusters;
 
                                 ch->clusters = n ? wp_calloc(n, sizeof(*ch->clusters)) : NULL;
@@ -901,24 +981,37 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                                         const char *cn = tp->weighted_clusters->clusters[j]->name;
 
                                         ch->clusters[j].cluster = find_cluster(b, cn);
-                                        ch->clusters[j].weight = tp->weighted_clusters->clusters[j]->weight;
+                                        ch->clusters[j].weight =
+                                                tp->weighted_clusters->clusters[j]->weight;
                                         ch->total_weight += ch->clusters[j].weight;
                                         if (!ch->clusters[j].cluster)
-                                                r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.weighted_clusters.clusters[%zu].name: unknown cluster '%s'",
+                                                r = fail(b,
+                                                         "Listener main_internal: "
+                                                         "filter_chains[%zu] "
+                                                         "(%s).filters[%zu].typed_config.weighted_"
+                                                         "clusters.clusters[%zu].name: unknown "
+                                                         "cluster '%s'",
                                                          idx, fc->name, i, j, cn);
                                 }
                                 if (r == 0 && (n == 0 || ch->total_weight == 0))
-                                        r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config.weighted_clusters: no cluster with a weight",
+                                        r = fail(b,
+                                                 "Listener main_internal: filter_chains[%zu] "
+                                                 "(%s).filters[%zu].typed_config.weighted_clusters:"
+                                                 " no cluster with a weight",
                                                  idx, fc->name, i);
                         } else {
-                                r = fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters[%zu].typed_config: tcp_proxy without cluster",
-                                         idx, fc->name, i);
+                                r = fail(
+                                        b,
+                                        "Listener main_internal: filter_chains[%zu] "
+                                        "(%s).filters[%zu].typed_config: tcp_proxy without cluster",
+                                        idx, fc->name, i);
                         }
                         if (r == 0) {
                                 char where[320];
 
                                 snprintf(where, sizeof(where),
-                                         "Listener main_internal: filter_chains[%zu] (%s).filters[%zu]",
+                                         "Listener main_internal: filter_chains[%zu] "
+                                         "(%s).filters[%zu]",
                                          idx, fc->name, i);
                                 r = compile_access_logs(b, where, tp->access_log, tp->n_access_log,
                                                         ch);
@@ -952,7 +1045,9 @@ static int compile_chain(struct build *b, size_t idx, const Envoy__Config__Liste
                 }
         }
         if (!terminal)
-                return fail(b, "Listener main_internal: filter_chains[%zu] (%s).filters: no terminal filter (tcp_proxy or http_connection_manager)",
+                return fail(b,
+                            "Listener main_internal: filter_chains[%zu] (%s).filters: no terminal "
+                            "filter (tcp_proxy or http_connection_manager)",
                             idx, fc->name);
         if (ch->kind == WP_CHAIN_UNSUPPORTED) {
                 /* keep no cluster references: nothing will be routed */
@@ -976,8 +1071,8 @@ static int compile_matcher(struct build *b, const PbMatcher *m, const char *path
                            struct wp_match_node **ret);
 static void free_node(struct wp_match_node *n);
 
-static int compile_on_match(struct build *b, const PbOnMatch *om, const char *path,
-                            unsigned depth, struct on_match *ret)
+static int compile_on_match(struct build *b, const PbOnMatch *om, const char *path, unsigned depth,
+                            struct on_match *ret)
 {
         char sub[512];
 
@@ -994,12 +1089,18 @@ static int compile_on_match(struct build *b, const PbOnMatch *om, const char *pa
                 int r;
 
                 if (!a->typed_config || strcmp(a->typed_config->type_url, STRING_VALUE) != 0)
-                        return fail(b, "Listener main_internal: %s.action.typed_config: expected %s naming a filter chain",
+                        return fail(b,
+                                    "Listener main_internal: %s.action.typed_config: expected %s "
+                                    "naming a filter chain",
                                     path, STRING_VALUE);
                 r = xds_any_unpack(a->typed_config, &google__protobuf__string_value__descriptor,
                                    (ProtobufCMessage **)&sv, &err);
                 if (r < 0)
-                        return r == -ENOMEM ? r : fail(b, "Listener main_internal: %s.action.typed_config: %s", path, err);
+                        return r == -ENOMEM
+                                       ? r
+                                       : fail(b,
+                                              "Listener main_internal: %s.action.typed_config: %s",
+                                              path, err);
                 ret->chain = find_chain(b, sv->value);
                 if (!ret->chain)
                         r = fail(b, "Listener main_internal: %s.action: unknown filter chain '%s'",
@@ -1104,12 +1205,16 @@ static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensi
         int r;
 
         if (!cm || !cm->typed_config || strcmp(cm->typed_config->type_url, IP_MATCHER) != 0)
-                return fail(b, "Listener main_internal: %s.custom_match: only %s is supported for destination IPs",
+                return fail(b,
+                            "Listener main_internal: %s.custom_match: only %s is supported for "
+                            "destination IPs",
                             path, IP_MATCHER);
         r = xds_any_unpack(cm->typed_config, &xds__type__matcher__v3__ipmatcher__descriptor,
                            (ProtobufCMessage **)&ipm, &err);
         if (r < 0)
-                return r == -ENOMEM ? r : fail(b, "Listener main_internal: %s.custom_match: %s", path, err);
+                return r == -ENOMEM
+                               ? r
+                               : fail(b, "Listener main_internal: %s.custom_match: %s", path, err);
         for (size_t i = 0; i < ipm->n_range_matchers; i++)
                 total += ipm->range_matchers[i]->n_ranges;
         n->ranges = total ? wp_calloc(total, sizeof(*n->ranges)) : NULL;
@@ -1118,7 +1223,8 @@ static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensi
                 goto out;
         }
         for (size_t i = 0; i < ipm->n_range_matchers && r == 0; i++) {
-                const Xds__Type__Matcher__V3__IPMatcher__IPRangeMatcher *rm = ipm->range_matchers[i];
+                const Xds__Type__Matcher__V3__IPMatcher__IPRangeMatcher *rm =
+                        ipm->range_matchers[i];
                 struct on_match om = {0};
                 char sub[512];
 
@@ -1131,7 +1237,10 @@ static int compile_ip_matcher(struct build *b, const Xds__Core__V3__TypedExtensi
                         uint32_t plen = cr->prefix_len ? cr->prefix_len->value : 0;
 
                         if (parse_cidr(cr->address_prefix, plen, &n->ranges[k]) < 0) {
-                                r = fail(b, "Listener main_internal: %s.custom_match.range_matchers[%zu].ranges[%zu]: invalid CIDR %s/%u",
+                                r = fail(b,
+                                         "Listener main_internal: "
+                                         "%s.custom_match.range_matchers[%zu].ranges[%zu]: invalid "
+                                         "CIDR %s/%u",
                                          path, i, j, cr->address_prefix, plen);
                                 break;
                         }
@@ -1182,21 +1291,32 @@ static int compile_matcher(struct build *b, const PbMatcher *m, const char *path
         else if (!strcmp(url, INPUT_TRANSPORT))
                 n->input = IN_TRANSPORT;
         else
-                return fail(b, "Listener main_internal: %s.matcher_tree.input: unsupported input '%s'",
+                return fail(b,
+                            "Listener main_internal: %s.matcher_tree.input: unsupported input '%s'",
                             path, url);
         snprintf(sub, sizeof(sub), "%s.matcher_tree", path);
         if (n->input == IN_DST_IP) {
-                if (t->tree_type_case != XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_CUSTOM_MATCH)
-                        return fail(b, "Listener main_internal: %s: destination IP needs custom_match IPMatcher", sub);
+                if (t->tree_type_case !=
+                    XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_CUSTOM_MATCH)
+                        return fail(b,
+                                    "Listener main_internal: %s: destination IP needs custom_match "
+                                    "IPMatcher",
+                                    sub);
                 r = compile_ip_matcher(b, t->custom_match, sub, depth, n);
-        } else if (t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP ||
-                   t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP) {
+        } else if (
+                t->tree_type_case ==
+                        XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP ||
+                t->tree_type_case ==
+                        XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP) {
                 const Xds__Type__Matcher__V3__Matcher__MatcherTree__MatchMap *mm =
-                        t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP
+                        t->tree_type_case ==
+                                        XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_EXACT_MATCH_MAP
                                 ? t->exact_match_map
                                 : t->prefix_match_map;
 
-                n->prefix = t->tree_type_case == XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP;
+                n->prefix =
+                        t->tree_type_case ==
+                        XDS__TYPE__MATCHER__V3__MATCHER__MATCHER_TREE__TREE_TYPE_PREFIX_MATCH_MAP;
                 n->keys = mm->n_map ? wp_calloc(mm->n_map, sizeof(*n->keys)) : NULL;
                 if (mm->n_map && !n->keys)
                         return -ENOMEM;
@@ -1258,6 +1378,8 @@ struct match_ctx {
         int family;
         const uint8_t *ip;
         char port[8];
+        const char *app_proto; /* ApplicationProtocolInput value; NULL: not known yet */
+        bool *needs_proto;     /* set when the match needs app_proto and it is NULL */
 };
 
 static const struct wp_chain *eval_node(const struct wp_match_node *n, const struct match_ctx *c);
@@ -1299,7 +1421,9 @@ static const struct wp_chain *eval_node(const struct wp_match_node *n, const str
 
                                 ch = eval_om(&r->om, c);
                                 if (ch || r->exclusive)
-                                        return ch ? ch : (n->has_no_match ? eval_om(&n->no_match, c) : NULL);
+                                        return ch ? ch
+                                                  : (n->has_no_match ? eval_om(&n->no_match, c)
+                                                                     : NULL);
                         }
                 }
                 for (size_t i = 0; i < n->ninexact; i++) {
@@ -1309,16 +1433,24 @@ static const struct wp_chain *eval_node(const struct wp_match_node *n, const str
                                 continue;
                         ch = eval_om(&r->om, c);
                         if (ch || r->exclusive)
-                                return ch ? ch : (n->has_no_match ? eval_om(&n->no_match, c) : NULL);
+                                return ch ? ch
+                                          : (n->has_no_match ? eval_om(&n->no_match, c) : NULL);
                 }
                 break;
         case IN_DST_PORT:
         case IN_APP_PROTO:
         case IN_TRANSPORT: {
-                /* at L4 there is no detected application protocol; raw TCP is "raw_buffer" */
-                const char *v = n->input == IN_DST_PORT ? c->port
+                /* the application protocol comes from sniffing the tunnel's first bytes (as
+                 * http_inspector does); the transport inside a tunnel is "raw_buffer" */
+                const char *v = n->input == IN_DST_PORT    ? c->port
                                 : n->input == IN_TRANSPORT ? "raw_buffer"
-                                                           : "";
+                                                           : c->app_proto;
+
+                if (!v) {
+                        if (c->needs_proto)
+                                *c->needs_proto = true;
+                        return NULL;
+                }
 
                 for (size_t i = 0; i < n->nkeys; i++) {
                         bool hit = n->prefix ? !strncmp(v, n->keys[i].key, strlen(n->keys[i].key))
@@ -1335,7 +1467,14 @@ static const struct wp_chain *eval_node(const struct wp_match_node *n, const str
 
 const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr)
 {
-        struct match_ctx c;
+        return wp_snapshot_lookup_proto(s, addr, "", NULL);
+}
+
+const struct wp_chain *wp_snapshot_lookup_proto(const struct wp_snapshot *s,
+                                                const struct sockaddr *addr, const char *app_proto,
+                                                bool *needs_proto)
+{
+        struct match_ctx c = {.app_proto = app_proto, .needs_proto = needs_proto};
         unsigned port;
 
         if (!s || !s->matcher)
@@ -1368,7 +1507,12 @@ const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const str
                         c.port[k++] = tmp[--n];
                 c.port[k] = 0;
         }
-        return eval_node(s->matcher, &c);
+        {
+                const struct wp_chain *ch = eval_node(s->matcher, &c);
+
+                /* an undecided protocol match may have fallen through to an outer no_match */
+                return needs_proto && *needs_proto ? NULL : ch;
+        }
 }
 
 const struct wp_endpoint *wp_chain_pick(const struct wp_chain *ch, uint64_t rnd)
@@ -1486,8 +1630,9 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
         for (size_t i = 0; i < res->clusters.n; i++) {
                 bool skip;
 
-                r = compile_cluster(&b, (const Envoy__Config__Cluster__V3__Cluster *)res->clusters.items[i].msg,
-                                    &s->clusters[k], &skip);
+                r = compile_cluster(
+                        &b, (const Envoy__Config__Cluster__V3__Cluster *)res->clusters.items[i].msg,
+                        &s->clusters[k], &skip);
                 s->nclusters = k + 1;
                 if (r < 0)
                         goto err;
@@ -1510,8 +1655,8 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 map_put(&b.clusters, s->clusters[i].name, i); /* names are unique (resources) */
 
         /* main_internal */
-        mi = (const Envoy__Config__Listener__V3__Listener *)xds_resources_find(res, XDS_RES_LISTENER,
-                                                                               "main_internal");
+        mi = (const Envoy__Config__Listener__V3__Listener *)xds_resources_find(
+                res, XDS_RES_LISTENER, "main_internal");
         if (!mi) {
                 r = fail(&b, "Listener main_internal: missing (the waypoint's dispatch listener)");
                 goto err;
@@ -1527,7 +1672,8 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
                 if (r < 0)
                         goto err;
                 if (map_put(&b.chains, s->chains[i].name, i) != i) {
-                        r = fail(&b, "Listener main_internal: filter_chains[%zu].name: duplicate '%s'",
+                        r = fail(&b,
+                                 "Listener main_internal: filter_chains[%zu].name: duplicate '%s'",
                                  i, s->chains[i].name);
                         goto err;
                 }
@@ -1539,8 +1685,8 @@ int wp_snapshot_build(struct xds_resources *res, struct wp_snapshot **ret, char 
         r = compile_matcher(&b, mi->filter_chain_matcher, "filter_chain_matcher", 0, &s->matcher);
         if (r < 0)
                 goto err;
-        s->terminate_digest = listener_digest(xds_resources_find(res, XDS_RES_LISTENER,
-                                                                 "connect_terminate"));
+        s->terminate_digest =
+                listener_digest(xds_resources_find(res, XDS_RES_LISTENER, "connect_terminate"));
         r = wp_wds_build(res, &s->wds);
         if (r < 0)
                 goto err;

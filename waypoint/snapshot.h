@@ -137,6 +137,12 @@ void wp_snapshot_reap(void);
 
 /* The chain serving destination addr (AF_INET/AF_INET6 with port), or NULL: not served. */
 const struct wp_chain *wp_snapshot_lookup(const struct wp_snapshot *s, const struct sockaddr *addr);
+/* The same with the tunnel's application protocol as Envoy's ApplicationProtocolInput gives it
+ * ("'h2c'", "'http/1.1'", "'http/1.0'", "" when not HTTP). app_proto NULL: not sniffed yet; when
+ * the destination's match depends on it, *needs_proto is set and NULL returned. */
+const struct wp_chain *wp_snapshot_lookup_proto(const struct wp_snapshot *s,
+                                                const struct sockaddr *addr, const char *app_proto,
+                                                bool *needs_proto);
 /* The cluster called name (routes name clusters at request time), or NULL. */
 struct wp_cluster *wp_snapshot_cluster(const struct wp_snapshot *s, const char *name);
 /* Picks a cluster of a chain by weight (rnd: a random number) then a healthy endpoint by round

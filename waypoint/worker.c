@@ -737,34 +737,30 @@ static int l7_take(struct wp_worker *w, struct hbone_conn *conn, struct hbone_st
                 .id = ++w->next_id,
                 .pool_idle_ms = o->pool_idle_ms,
                 .connect_timeout_ms = o->connect_timeout_ms,
+                .sniff_ms = o->sniff_ms,
         };
 
+        if (!chain)
+                return wp_l7_sniff_start(&ls);
         cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
         return wp_l7_tunnel_start(&ls);
 }
 
 /* ---- downstream ---- */
 
-static int downstream_on_request(struct hbone_session *s, struct hbone_stream *st,
-                                 const struct hbone_request *req, void *session_user)
+/* Starts an L4 tunnel on st: the relay, then the chain's endpoint. answered: the CONNECT got its
+ * 200 already (the tunnel was sniffed first), so failures reset the stream instead of answering.
+ * chain: known already (sniffed), or NULL to look it up from dst. */
+static int tunnel_begin(struct wp_worker *w, struct hbone_conn *conn, struct hbone_stream *st,
+                        const char *authority, const struct sockaddr *dst, socklen_t dstlen,
+                        const char *baggage, bool answered, const struct wp_chain *chain)
 {
         char peer[WP_AUTHORITY_MAX];
-        struct hbone_conn *conn = session_user;
-        struct downstream *d = hbone_conn_user(conn);
-        struct wp_worker *w = d->w;
         const struct wp_options *o = &w->rt->opts;
-        const struct wp_chain *chain = NULL;
         struct hbone_relay_config rcfg;
         struct tunnel *t;
         int r;
 
-        if (w->snap && req->target.is_ip) {
-                const struct wp_chain *hc =
-                        wp_snapshot_lookup(w->snap, (const struct sockaddr *)&req->target.addr);
-
-                if (hc && hc->kind == WP_CHAIN_HTTP)
-                        return l7_take(w, conn, st, req, hc);
-        }
         t = wp_calloc(1, sizeof(*t));
         if (!t)
                 return -ENOMEM;
@@ -772,13 +768,13 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         t->id = ++w->next_id;
         t->start_ns = wp_now_ns();
         t->start_unix_ns = unix_now_ns();
-        if (req->target.is_ip && req->target.addrlen <= sizeof(t->dst))
-                memcpy(&t->dst, &req->target.addr, req->target.addrlen);
+        if (dst && dstlen <= sizeof(t->dst))
+                memcpy(&t->dst, dst, dstlen);
         wp_list_init(&t->wait_link);
-        snprintf(t->authority, sizeof(t->authority), "%s", req->authority);
+        snprintf(t->authority, sizeof(t->authority), "%s", authority);
         t->src = *hbone_conn_peer_addr(conn);
         t->conn_id = hbone_conn_id(conn);
-        if (tunnel_set_source(t, hbone_conn_peer_uri(conn), req->baggage) < 0) {
+        if (tunnel_set_source(t, hbone_conn_peer_uri(conn), baggage) < 0) {
                 wp_free(t);
                 return -ENOMEM;
         }
@@ -791,7 +787,7 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                                                             : 10000,
                 .error_header = "x-waypoint-error",
         };
-        r = hbone_relay_new(&rcfg, conn, st, false, &t->relay);
+        r = hbone_relay_new(&rcfg, conn, st, answered, &t->relay);
         if (r < 0) {
                 wp_free(t->peer_uri);
                 wp_free(t);
@@ -806,8 +802,8 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                 return 0;
         }
 
-        if (req->target.is_ip)
-                chain = wp_snapshot_lookup(t->snap, (const struct sockaddr *)&req->target.addr);
+        if (!chain && dst)
+                chain = wp_snapshot_lookup(t->snap, dst);
         if (!chain) {
                 cnt_add(w, WP_C_TUNNEL_NOT_SERVED, 1);
                 wp_info("tunnel", "[T%lu] %s (%s) -> %s: target not served by this waypoint", t->id,
@@ -827,8 +823,8 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
         }
         if (chain->kind == WP_CHAIN_PASSTHROUGH) {
                 /* workload-addressed: the destination itself, through its ztunnel */
-                memcpy(&t->own_ep.addr, &req->target.addr, req->target.addrlen);
-                t->own_ep.addrlen = req->target.addrlen;
+                memcpy(&t->own_ep.addr, dst, dstlen);
+                t->own_ep.addrlen = dstlen;
                 hbone_target_format((const struct sockaddr *)&t->own_ep.addr, t->own_ep.authority,
                                     sizeof(t->own_ep.authority));
                 t->own_ep.hbone = true;
@@ -861,6 +857,49 @@ static int downstream_on_request(struct hbone_session *s, struct hbone_stream *s
                         hbone_relay_fail(t->relay, 502, "upstream_refused");
         }
         return 0;
+}
+
+int wp_worker_tunnel_adopt(struct wp_worker *w, struct hbone_conn *conn, struct hbone_stream *st,
+                           const char *authority, const struct sockaddr_storage *dst,
+                           const char *baggage, const struct wp_chain *chain, const uint8_t *data,
+                           size_t len, bool eof)
+{
+        socklen_t dl = dst->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                  : sizeof(struct sockaddr_in);
+        int r = tunnel_begin(w, conn, st, authority, (const struct sockaddr *)dst, dl,
+                             baggage && baggage[0] ? baggage : NULL, true, chain);
+        void *su;
+
+        if (r < 0)
+                return r;
+        /* what the client sent while it was sniffed goes first; its credit was never returned */
+        su = hbone_stream_get_user(st);
+        if (su && len)
+                hbone_relay_on_data(st, data, len, su);
+        su = hbone_stream_get_user(st);
+        if (su && eof)
+                hbone_relay_on_eof(st, su);
+        return 0;
+}
+
+static int downstream_on_request(struct hbone_session *s, struct hbone_stream *st,
+                                 const struct hbone_request *req, void *session_user)
+{
+        struct hbone_conn *conn = session_user;
+        struct downstream *d = hbone_conn_user(conn);
+        struct wp_worker *w = d->w;
+
+        if (w->snap && req->target.is_ip) {
+                bool sniff = false;
+                const struct wp_chain *hc = wp_snapshot_lookup_proto(
+                        w->snap, (const struct sockaddr *)&req->target.addr, NULL, &sniff);
+
+                if (sniff || (hc && hc->kind == WP_CHAIN_HTTP))
+                        return l7_take(w, conn, st, req, sniff ? NULL : hc);
+        }
+        return tunnel_begin(w, conn, st, req->authority,
+                            req->target.is_ip ? (const struct sockaddr *)&req->target.addr : NULL,
+                            req->target.is_ip ? req->target.addrlen : 0, req->baggage, false, NULL);
 }
 
 static void downstream_on_goaway(struct hbone_session *s, uint32_t err, void *session_user)
