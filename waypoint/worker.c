@@ -740,9 +740,9 @@ static int l7_take(struct wp_worker *w, struct hbone_conn *conn, struct hbone_st
                 .sniff_ms = o->sniff_ms,
         };
 
+        cnt_add(w, WP_C_TUNNELS_TOTAL, 1); /* a sniffed tunnel counts here, whichever path */
         if (!chain)
                 return wp_l7_sniff_start(&ls);
-        cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
         return wp_l7_tunnel_start(&ls);
 }
 
@@ -794,7 +794,8 @@ static int tunnel_begin(struct wp_worker *w, struct hbone_conn *conn, struct hbo
                 return r;
         }
         t->snap = wp_snapshot_ref(w->snap);
-        cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
+        if (!answered) /* a sniffed tunnel was counted when it arrived */
+                cnt_add(w, WP_C_TUNNELS_TOTAL, 1);
         cnt_add(w, WP_C_TUNNELS_ACTIVE, 1);
         if (!t->snap) {
                 /* no config yet: refuse rather than mis-route */

@@ -104,6 +104,13 @@ class SniffTest(hbonelib.AsyncTestCase):
             pass
         w.close()
 
+    def tunnels_total(self):
+        import json
+        status, body = self.wp.admin_get('/stats?format=json&filter=^waypoint\\.tunnels_total$')
+        self.assertEqual(status, 200)
+        return [s['value'] for s in json.loads(body)['stats']
+                if s['name'] == 'waypoint.tunnels_total'][0]
+
     async def tunnel(self):
         c = await self.client(self.wp.hbone_addr, local_ip=self.ip(2))
         t = c.open_tunnel(self.web.authority)
@@ -112,6 +119,7 @@ class SniffTest(hbonelib.AsyncTestCase):
         return t
 
     async def test_http1_is_served_by_the_http_chain(self):
+        before = self.tunnels_total()
         h = H1(await self.tunnel())
         r = await h.request('GET', '/sniffed/1')
         self.assertEqual(r.status, 200, r)
@@ -121,6 +129,7 @@ class SniffTest(hbonelib.AsyncTestCase):
         r = await h.request('POST', '/sniffed/2', body=b'x' * 70000)  # keep-alive, then more
         self.assertEqual(r.json()['body_len'], 70000)
         self.assertEqual(self.raw_conns, [])
+        self.assertEqual(self.tunnels_total() - before, 1)  # counted once, as an HTTP tunnel
 
     async def test_h2c_preface_is_served_by_the_http_chain(self):
         h = await H2(await self.tunnel()).start()
@@ -130,6 +139,7 @@ class SniffTest(hbonelib.AsyncTestCase):
         self.assertEqual(self.raw_conns, [])
 
     async def test_other_client_first_bytes_go_to_the_tcp_chain(self):
+        before = self.tunnels_total()
         for first in (b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03',  # a TLS ClientHello
                       b'HELO mail.example\r\n',                        # no HTTP version
                       b'GET /x SPDY/3\r\n'):                           # not HTTP/1.x
@@ -145,6 +155,7 @@ class SniffTest(hbonelib.AsyncTestCase):
                 self.assertEqual(await t.recv_all(), b'')
         self.assertEqual(len(self.raw_conns), 3)
         self.assertEqual(self.backend_http.requests, [])
+        self.assertEqual(self.tunnels_total() - before, 3)  # counted once each, as L4 tunnels
 
     async def test_server_first_protocol_does_not_hang(self):
         t = await self.tunnel()
