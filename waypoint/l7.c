@@ -3554,7 +3554,7 @@ static bool sniff_tchar(uint8_t c)
 
 /* The ApplicationProtocolInput value for the first n bytes: "'h2c'", "'http/1.1'",
  * "'http/1.0'", "" (not HTTP), or NULL (undecided: more bytes needed; final: decide now). */
-static const char *sniff_proto(const uint8_t *p, size_t n, bool final)
+const char *wp_l7_sniff_proto(const uint8_t *p, size_t n, bool final)
 {
         size_t i = 0, plen = sizeof(h2_preface_bytes) - 1;
 
@@ -3636,7 +3636,7 @@ static void sniff_timeout(struct wp_timer *tm)
         struct l7sniff *sn = container_of(tm, struct l7sniff, timer);
 
         /* a server-first protocol, or a client slow to speak: not HTTP */
-        sniff_decide(sn, sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
+        sniff_decide(sn, wp_l7_sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
 }
 
 static int sniff_on_data(struct l7sniff *sn, const uint8_t *data, size_t len)
@@ -3645,7 +3645,7 @@ static int sniff_on_data(struct l7sniff *sn, const uint8_t *data, size_t len)
 
         if (dbuf_append(&sn->rx, data, len) < 0)
                 return -ENOMEM;
-        proto = sniff_proto(dbuf_data(&sn->rx), sn->rx.len, false);
+        proto = wp_l7_sniff_proto(dbuf_data(&sn->rx), sn->rx.len, false);
         if (proto)
                 sniff_decide(sn, proto);
         return 0;
@@ -3710,7 +3710,7 @@ void wp_l7_cb_on_eof(struct hbone_stream *st, void *user)
                 struct l7sniff *sn = (struct l7sniff *)o;
 
                 sn->eof = true;
-                sniff_decide(sn, sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
+                sniff_decide(sn, wp_l7_sniff_proto(dbuf_data(&sn->rx), sn->rx.len, true));
         } else {
                 up_on_eof((struct l7up *)o);
         }

@@ -65,6 +65,10 @@ int wp_l7_tunnel_start(const struct wp_l7_start *s);
  * the chain up again with that and hands the tunnel with its bytes to the HTTP path or to the
  * worker's L4 path (wp_worker_tunnel_adopt). s->chain is unused. Returns 0 or -ENOMEM. */
 int wp_l7_sniff_start(const struct wp_l7_start *s);
+/* The classification wp_l7_sniff_start applies to a tunnel's first n bytes: "'h2c'",
+ * "'http/1.1'", "'http/1.0'", "" (not HTTP), or NULL when more bytes are needed (never when
+ * final: no more bytes will come). */
+const char *wp_l7_sniff_proto(const uint8_t *p, size_t n, bool final);
 
 /* hbone_callbacks members for the worker's downstream and upstream sessions: streams owned by
  * this module carry a tagged stream_user; every other stream goes to hbone_relay_on_*. */
