@@ -299,14 +299,6 @@ static int parse_query(char *qs, struct query *q)
         return 0;
 }
 
-static bool has_param(const struct query *q, const char *k)
-{
-        for (size_t i = 0; i < q->n; i++)
-                if (!strcmp(q->key[i], k))
-                        return true;
-        return false;
-}
-
 static const char *param(const struct query *q, const char *k)
 {
         for (size_t i = 0; i < q->n; i++)
@@ -522,15 +514,24 @@ static void on_ready(struct admin *a, struct client *c, struct request *rq)
         respond_text(c, rq, strcmp(st, "LIVE") ? 503 : 200, body);
 }
 
+struct stat_line {
+        char name[96];
+        uint64_t v;
+};
+
+/* Appends "waypoint.<name>" = v to st[*n]. */
+static void add_stat(struct stat_line *st, size_t *n, const char *name, uint64_t v)
+{
+        snprintf(st[*n].name, sizeof(st[*n].name), "waypoint.%s", name);
+        st[(*n)++].v = v;
+}
+
 static void on_stats(struct admin *a, struct client *c, struct request *rq)
 {
         const char *fmt = param(&rq->q, "format"), *filter = param(&rq->q, "filter");
         bool json = fmt && !strcmp(fmt, "json");
         struct wp_snapshot *s = wp_runtime_snapshot(a->rt);
-        struct {
-                char name[96];
-                uint64_t v;
-        } st[_WP_COUNTER_MAX + 7];
+        struct stat_line st[_WP_COUNTER_MAX + 7];
         struct wp_al_writer_stats al;
         size_t n = 0;
         regex_t re;
@@ -546,27 +547,18 @@ static void on_stats(struct admin *a, struct client *c, struct request *rq)
                 respond_text(c, rq, 400, "filter: invalid regular expression\n");
                 return;
         }
-        for (int i = 0; i < _WP_COUNTER_MAX; i++) {
-                snprintf(st[n].name, sizeof(st[n].name), "waypoint.%s", wp_counter_names[i]);
-                st[n++].v = sum_counter(a->rt, (enum wp_counter)i);
-        }
+        for (int i = 0; i < _WP_COUNTER_MAX; i++)
+                add_stat(st, &n, wp_counter_names[i], sum_counter(a->rt, (enum wp_counter)i));
         /* access log lines to stdout/stderr: queued per worker, written by the writer thread,
          * dropped when a worker's queue is full (stdout not drained) */
         wp_al_default_writer_stats(&al);
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.queued");
-        st[n++].v = al.queued;
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.written");
-        st[n++].v = al.written;
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.dropped");
-        st[n++].v = al.dropped;
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.access_log.write_errors");
-        st[n++].v = al.write_errors;
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.rss_bytes");
-        st[n++].v = (uint64_t)rss_bytes();
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.config.chains");
-        st[n++].v = s ? s->nchains : 0;
-        snprintf(st[n].name, sizeof(st[n].name), "waypoint.config.clusters");
-        st[n++].v = s ? s->nclusters : 0;
+        add_stat(st, &n, "access_log.queued", al.queued);
+        add_stat(st, &n, "access_log.written", al.written);
+        add_stat(st, &n, "access_log.dropped", al.dropped);
+        add_stat(st, &n, "access_log.write_errors", al.write_errors);
+        add_stat(st, &n, "rss_bytes", (uint64_t)rss_bytes());
+        add_stat(st, &n, "config.chains", s ? s->nchains : 0);
+        add_stat(st, &n, "config.clusters", s ? s->nclusters : 0);
         wp_snapshot_unref(s);
 
         if (json) {
@@ -680,8 +672,8 @@ static void on_config_dump(struct admin *a, struct client *c, struct request *rq
         struct wp_admin_dump_req dr = {
                 .resource = param(&rq->q, "resource"),
                 .mask = param(&rq->q, "mask"),
-                .include_eds = has_param(&rq->q, "include_eds"),
-                .include_addresses = has_param(&rq->q, "include_addresses"),
+                .include_eds = param(&rq->q, "include_eds") != NULL,
+                .include_addresses = param(&rq->q, "include_addresses") != NULL,
                 .node_id = o->node_id,
                 .node_cluster = o->service_cluster,
                 .last_updated_ms = atomic_load(&a->rt->snap_published_ms),

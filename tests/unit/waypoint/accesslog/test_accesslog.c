@@ -269,30 +269,30 @@ static const struct row rows[] = {
         {"plain \"q\"", "plain \"q\"", "\"plain \\\"q\\\"\""},
 };
 
-static void test_operators_render_text_table(void)
+/* Renders every row with the text or the typed JSON renderer and checks the matching column. */
+static void check_rows(bool json)
 {
         struct wp_al_ctx c = http_ctx();
 
         for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
-                const char *got = render_text(rows[i].fmt, 0, &c);
-                if (strcmp(got, rows[i].text) != 0)
-                        fprintf(stderr, "  text row %zu %s: got [%s] want [%s]\n", i, rows[i].fmt,
-                                got, rows[i].text);
-                CHECK_STR_EQ(got, rows[i].text);
+                const char *want = json ? rows[i].json : rows[i].text;
+                const char *got = json ? render_json_value(rows[i].fmt, 0, &c)
+                                       : render_text(rows[i].fmt, 0, &c);
+                if (strcmp(got, want) != 0)
+                        fprintf(stderr, "  %s row %zu %s: got [%s] want [%s]\n",
+                                json ? "json" : "text", i, rows[i].fmt, got, want);
+                CHECK_STR_EQ(got, want);
         }
+}
+
+static void test_operators_render_text_table(void)
+{
+        check_rows(false);
 }
 
 static void test_operators_render_typed_json_table(void)
 {
-        struct wp_al_ctx c = http_ctx();
-
-        for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
-                const char *got = render_json_value(rows[i].fmt, 0, &c);
-                if (strcmp(got, rows[i].json) != 0)
-                        fprintf(stderr, "  json row %zu %s: got [%s] want [%s]\n", i, rows[i].fmt,
-                                got, rows[i].json);
-                CHECK_STR_EQ(got, rows[i].json);
-        }
+        check_rows(true);
 }
 
 static void test_hostname_is_resolved_at_compile_time(void)

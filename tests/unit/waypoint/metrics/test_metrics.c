@@ -1117,6 +1117,16 @@ static void test_render_file(void)
         wp_metrics_free(m);
 }
 
+/* Checks label i of l against want ("(unset)" for a label left empty). */
+static void check_label(const struct wp_metrics_labels *l, enum wp_metrics_label i,
+                        const char *want)
+{
+        char *s = l->v[i].p ? strndup(l->v[i].p, l->v[i].n) : strdup("(unset)");
+
+        CHECK_STR_EQ(s, want);
+        free(s);
+}
+
 static void test_baggage_sets_source_labels(void)
 {
         const char *b = "k8s.namespace.name=default, k8s.deployment.name=productpage-v1,"
@@ -1125,35 +1135,14 @@ static void test_baggage_sets_source_labels(void)
         struct wp_metrics_labels l = {0};
 
         CHECK_INT_EQ(wp_metrics_labels_source_from_baggage(&l, b, strlen(b)), 7);
-#define V(i) (l.v[i].p ? strndup(l.v[i].p, l.v[i].n) : strdup("(unset)"))
-        {
-                char *s;
-
-                s = V(WP_ML_SOURCE_WORKLOAD_NAMESPACE);
-                CHECK_STR_EQ(s, "default");
-                free(s);
-                s = V(WP_ML_SOURCE_WORKLOAD);
-                CHECK_STR_EQ(s, "productpage-v1");
-                free(s);
-                s = V(WP_ML_SOURCE_CANONICAL_SERVICE);
-                CHECK_STR_EQ(s, "productpage");
-                free(s);
-                s = V(WP_ML_SOURCE_CANONICAL_REVISION);
-                CHECK_STR_EQ(s, "v1");
-                free(s);
-                s = V(WP_ML_SOURCE_CLUSTER);
-                CHECK_STR_EQ(s, "Kubernetes");
-                free(s);
-                s = V(WP_ML_SOURCE_APP);
-                CHECK_STR_EQ(s, "pp");
-                free(s);
-                s = V(WP_ML_SOURCE_VERSION);
-                CHECK_STR_EQ(s, "v9");
-                free(s);
-                s = V(WP_ML_SOURCE_PRINCIPAL);
-                CHECK_STR_EQ(s, "(unset)");
-                free(s);
-        }
+        check_label(&l, WP_ML_SOURCE_WORKLOAD_NAMESPACE, "default");
+        check_label(&l, WP_ML_SOURCE_WORKLOAD, "productpage-v1");
+        check_label(&l, WP_ML_SOURCE_CANONICAL_SERVICE, "productpage");
+        check_label(&l, WP_ML_SOURCE_CANONICAL_REVISION, "v1");
+        check_label(&l, WP_ML_SOURCE_CLUSTER, "Kubernetes");
+        check_label(&l, WP_ML_SOURCE_APP, "pp");
+        check_label(&l, WP_ML_SOURCE_VERSION, "v9");
+        check_label(&l, WP_ML_SOURCE_PRINCIPAL, "(unset)");
 }
 
 static void test_baggage_rejects_and_limits(void)
