@@ -12,15 +12,13 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include <nghttp2/nghttp2.h>
 
 #include "waypoint/base/alloc.h"
 #include "waypoint/base/list.h"
+#include "waypoint/base/time.h"
 #include "waypoint/base/util.h"
-
-#define NSEC_PER_MSEC 1000000ULL
 
 static nghttp2_mem ng_mem = {
         .malloc = wp_mem_malloc,
@@ -88,14 +86,6 @@ struct wp_h2 {
         struct wp_list streams;
         unsigned nstreams;
 };
-
-static uint64_t mono_ns(void)
-{
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 void wp_h2_limits_default(struct wp_h2_limits *lim)
 {
@@ -744,9 +734,9 @@ static int on_header(nghttp2_session *ng, const nghttp2_frame *frame, nghttp2_rc
 
 static int count_rst(struct wp_h2 *h)
 {
-        uint64_t now = mono_ns();
+        uint64_t now = wp_now_ns();
 
-        if (now - h->flood_start_ns > (uint64_t)h->lim.rst_flood_window_ms * NSEC_PER_MSEC) {
+        if (now - h->flood_start_ns > (uint64_t)h->lim.rst_flood_window_ms * WP_NSEC_PER_MSEC) {
                 h->flood_start_ns = now;
                 h->rst_count = 0;
         }
@@ -910,7 +900,7 @@ int wp_h2_new(const struct wp_h2_callbacks *cb, const struct wp_h2_limits *lim, 
                 if (lim->rst_flood_window_ms)
                         h->lim.rst_flood_window_ms = lim->rst_flood_window_ms;
         }
-        h->flood_start_ns = mono_ns();
+        h->flood_start_ns = wp_now_ns();
         if (nghttp2_session_callbacks_new(&cbs) != 0 || nghttp2_option_new(&opt) != 0)
                 goto out;
         nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);

@@ -153,6 +153,21 @@ static uint64_t rnd_next(struct wp_worker *w)
 
 static const struct hbone_relay_ops relay_ops;
 
+/* One user (tunnel or L7 request) of pc is done with it: the last one idles it (or drains it
+ * when the worker drains), or frees it when its connection closed earlier. */
+static void pool_release(struct wp_worker *w, struct pool_conn *pc)
+{
+        if (--pc->tunnels != 0)
+                return;
+        if (!pc->conn)
+                wp_free(pc);
+        else if (w->draining)
+                hbone_conn_drain(pc->conn);
+        else if (pc->established)
+                wp_timer_arm(w->loop, &pc->idle,
+                             wp_now_ns() + w->rt->opts.pool_idle_ms * WP_NSEC_PER_MSEC);
+}
+
 static void tunnel_free(struct tunnel *t)
 {
         struct wp_worker *w = t->w;
@@ -163,14 +178,7 @@ static void tunnel_free(struct tunnel *t)
                 if (!wp_list_empty(&t->wait_link))
                         wp_list_del(&t->wait_link);
                 t->pc = NULL;
-                if (--pc->tunnels == 0) {
-                        if (!pc->conn)
-                                wp_free(pc); /* its connection closed earlier */
-                        else if (pc->established && !w->draining)
-                                wp_timer_arm(w->loop, &pc->idle,
-                                             wp_now_ns() +
-                                                     w->rt->opts.pool_idle_ms * WP_NSEC_PER_MSEC);
-                }
+                pool_release(w, pc);
         }
         t->relay = hbone_relay_free(t->relay);
         t->snap = wp_snapshot_unref(t->snap);
@@ -356,8 +364,6 @@ static void on_relay_result(struct hbone_relay *r, enum hbone_relay_result res, 
                 t->up_ready_ns = wp_now_ns();
                 cnt_add(t->w, WP_C_TUNNELS_ESTABLISHED, 1);
                 tunnel_metrics_open(t);
-                char peer[WP_AUTHORITY_MAX];
-
                 wp_debug("tunnel", "[T%lu] %s -> %s via %s: established (%s)", t->id,
                          tunnel_peer(t, peer, sizeof(peer)), t->authority,
                          t->ep ? t->ep->authority : "?", tunnel_chain(t));
@@ -438,29 +444,35 @@ static void pool_unlist(struct pool_conn *pc)
 static void tunnel_open_on(struct tunnel *t, struct pool_conn *pc);
 static struct pool_conn *pool_new_conn(struct wp_worker *w, const struct pool_key *k);
 
+/* A pooled connection to k with room for one more stream, or one being set up (join its queue),
+ * or NULL. */
+static struct pool_conn *pool_find(struct wp_worker *w, const struct pool_key *k)
+{
+        struct wp_list *b = &w->buckets[key_hash(k)];
+
+        for (struct wp_list *it = b->next; it != b; it = it->next) {
+                struct pool_conn *c = container_of(it, struct pool_conn, link);
+
+                if (c->key.len != k->len || memcmp(&c->key.addr, &k->addr, k->len) != 0)
+                        continue;
+                if (!c->conn || hbone_conn_closing(c->conn))
+                        continue;
+                if (!c->established ||
+                    (hbone_conn_session(c->conn) &&
+                     hbone_session_streams_available(hbone_conn_session(c->conn)) > 0))
+                        return c;
+        }
+        return NULL;
+}
+
 /* Puts the tunnel on a connection to its endpoint, opening one if none has room. */
 static void pool_attach(struct wp_worker *w, struct tunnel *t)
 {
         struct pool_key k;
-        struct wp_list *b, *it;
-        struct pool_conn *pc = NULL;
+        struct pool_conn *pc;
 
         make_key(&k, t->ep, t->snap->hbone_port);
-        b = &w->buckets[key_hash(&k)];
-        for (it = b->next; it != b; it = it->next) {
-                struct pool_conn *c = container_of(it, struct pool_conn, link);
-
-                if (c->key.len != k.len || memcmp(&c->key.addr, &k.addr, k.len) != 0)
-                        continue;
-                if (!c->established) {
-                        pc = c; /* join the queue of a connection being set up */
-                        break;
-                }
-                if (hbone_session_streams_available(hbone_conn_session(c->conn)) > 0) {
-                        pc = c;
-                        break;
-                }
-        }
+        pc = pool_find(w, &k);
         if (!pc) {
                 pc = pool_new_conn(w, &k);
                 if (!pc) {
@@ -653,26 +665,11 @@ int wp_worker_pool_get(struct wp_worker *w, const struct sockaddr_storage *addr,
 {
         struct wp_endpoint ep = {.addrlen = len};
         struct pool_key k;
-        struct wp_list *b, *it;
-        struct pool_conn *pc = NULL;
+        struct pool_conn *pc;
 
         memcpy(&ep.addr, addr, len);
         make_key(&k, &ep, hbone_port);
-        b = &w->buckets[key_hash(&k)];
-        for (it = b->next; it != b; it = it->next) {
-                struct pool_conn *c = container_of(it, struct pool_conn, link);
-
-                if (c->key.len != k.len || memcmp(&c->key.addr, &k.addr, k.len) != 0)
-                        continue;
-                if (!c->conn || hbone_conn_closing(c->conn))
-                        continue;
-                if (!c->established ||
-                    (hbone_conn_session(c->conn) &&
-                     hbone_session_streams_available(hbone_conn_session(c->conn)) > 0)) {
-                        pc = c;
-                        break;
-                }
-        }
+        pc = pool_find(w, &k);
         if (!pc)
                 pc = pool_new_conn(w, &k);
         if (!pc)
@@ -703,15 +700,7 @@ void wp_worker_pool_put(struct wp_worker *w, struct wp_pool_req *pr)
                 pr->waiting = false;
         }
         pr->pc = NULL;
-        if (--pc->tunnels == 0) {
-                if (!pc->conn)
-                        wp_free(pc);
-                else if (pc->established && !w->draining)
-                        wp_timer_arm(w->loop, &pc->idle,
-                                     wp_now_ns() + w->rt->opts.pool_idle_ms * WP_NSEC_PER_MSEC);
-                else if (w->draining)
-                        hbone_conn_drain(pc->conn);
-        }
+        pool_release(w, pc);
 }
 
 void wp_worker_pool_full(struct wp_worker *w, struct wp_pool_req *pr)
