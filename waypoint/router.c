@@ -1047,12 +1047,13 @@ static int compile_mirrors(struct cc *c, const Envoy__Config__Route__V3__RouteAc
                         r = fail(c, -EINVAL, "only one of cluster and cluster_header may be set");
                 else if (m->cluster[0])
                         r = copy_str(c, "cluster", m->cluster, false, &o->cluster, NULL);
-                else if (m->cluster_header[0] &&
-                         wp_match_header_name_valid(m->cluster_header, strlen(m->cluster_header)))
+                else if (!m->cluster_header[0])
+                        r = fail(c, -EINVAL, "cluster or cluster_header is required");
+                else if (!wp_match_header_name_valid(m->cluster_header, strlen(m->cluster_header)))
+                        r = fail(c, -EINVAL, "cluster_header: invalid header name");
+                else
                         r = copy_str(c, "cluster_header", m->cluster_header, true,
                                      &o->cluster_header, NULL);
-                else
-                        r = fail(c, -EINVAL, "cluster or cluster_header is required");
                 o->numerator = o->denominator = 100;
                 if (r == 0 && m->runtime_fraction) {
                         size_t o2 = push(c, "runtime_fraction");

@@ -1331,6 +1331,15 @@ static void test_compile_errors_name_the_field(void)
              -EINVAL,
              "virtual_hosts[0].routes[0].match.headers[0]: range_match: start must be "
              "below end"},
+            {"R:{'match':{'prefix':'/'},'route':{'cluster':'c','request_mirror_policies':[{}]}}",
+             -EINVAL,
+             "virtual_hosts[0].routes[0].route.request_mirror_policies[0]: cluster or "
+             "cluster_header is required"},
+            {"R:{'match':{'prefix':'/'},'route':{'cluster':'c','request_mirror_policies':[{"
+             "'cluster_header':'bad header'}]}}",
+             -EINVAL,
+             "virtual_hosts[0].routes[0].route.request_mirror_policies[0]: cluster_header: "
+             "invalid header name"},
         };
         char cfg[8192];
 
@@ -1400,6 +1409,48 @@ static void test_limits(void)
         CHECK_INT_EQ(r, -E2BIG);
         CHECK_STR_EQ(e, "virtual_hosts[0].routes[0].match: more than 64 header and query "
                         "parameter matchers");
+}
+
+/* A route whose action has n copies of item in its array field key; NULL when it compiles. */
+static const char *route_with_n(const char *key, const char *item, int n, int *ret_r)
+{
+        static char cfg[65536];
+        size_t len = 0;
+
+        len += (size_t)snprintf(cfg + len, sizeof(cfg) - len,
+                                "{'virtual_hosts':[{'name':'v','domains':['*'],'routes':[{'match':"
+                                "{'prefix':'/'},'route':{'cluster':'c','%s':[",
+                                key);
+        for (int i = 0; i < n; i++)
+                len += (size_t)snprintf(cfg + len, sizeof(cfg) - len, "%s%s", i ? "," : "", item);
+        if (len >= sizeof(cfg))
+                exit(99);
+        snprintf(cfg + len, sizeof(cfg) - len, "]}}]}]}");
+        return compile_error(cfg, ret_r);
+}
+
+static void test_route_action_array_limits(void)
+{
+        static const struct {
+                const char *key, *item;
+                int max;
+                const char *err;
+        } cases[] = {
+            {"hash_policy", "{'connection_properties':{'source_ip':true}}", 64,
+             "virtual_hosts[0].routes[0].route: hash_policy: more than 64 entries"},
+            {"request_mirror_policies", "{'cluster':'m'}", 16,
+             "virtual_hosts[0].routes[0].route: request_mirror_policies: more than 16 entries"},
+            {"upgrade_configs", "{'upgrade_type':'websocket'}", 16,
+             "virtual_hosts[0].routes[0].route: upgrade_configs: more than 16 entries"},
+        };
+        int r;
+
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                CHECK(route_with_n(cases[i].key, cases[i].item, cases[i].max, NULL) == NULL);
+                CHECK_STR_EQ(route_with_n(cases[i].key, cases[i].item, cases[i].max + 1, &r),
+                             cases[i].err);
+                CHECK_INT_EQ(r, -E2BIG);
+        }
 }
 
 /* ---- re2 shim ----------------------------------------------------------------------------- */
@@ -1550,6 +1601,7 @@ int main(void)
         RUN(test_compile_errors_name_the_field);
         RUN(test_unknown_protobuf_fields_are_rejected);
         RUN(test_limits);
+        RUN(test_route_action_array_limits);
         RUN(test_re2_shim_replace_all_like_global_replace);
         RUN(test_compile_failalloc);
         RUN(test_headers_apply_failalloc);
