@@ -33,6 +33,7 @@
 #include "hbone/hbone.h"
 #include "hbone/internal.h"
 #include "waypoint/base/alloc.h"
+#include "waypoint/base/time.h"
 
 #define NSEC_PER_MSEC 1000000ULL
 #define SPARE_CHUNKS_MAX 32
@@ -46,15 +47,6 @@ static nghttp2_mem ng_mem = {
         .calloc = wp_mem_calloc,
         .realloc = wp_mem_realloc,
 };
-
-/* Own clock for the flood window: feed() has no time argument. */
-static uint64_t mono_ns(void)
-{
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static const char *h2_error_name(uint32_t code)
 {
@@ -280,7 +272,7 @@ static void stream_kick(struct hbone_stream *st)
 
 static void flood_window(struct hbone_session *s)
 {
-        uint64_t now = mono_ns();
+        uint64_t now = wp_now_ns(); /* feed() has no time argument: read the clock */
 
         if (now - s->flood_window_start_ns > (uint64_t)s->lim.rst_flood_window_ms * NSEC_PER_MSEC) {
                 s->flood_window_start_ns = now;
@@ -714,7 +706,7 @@ int hbone_session_new(const struct hbone_callbacks *cb, const struct hbone_limit
         limits_sanitize(&s->lim);
         s->server = server;
         s->user = session_user;
-        s->flood_window_start_ns = mono_ns();
+        s->flood_window_start_ns = wp_now_ns();
 
         if (nghttp2_session_callbacks_new(&cbs) != 0)
                 goto err_free_session;

@@ -569,14 +569,6 @@ static const char *uuid4(char *out)
         return out;
 }
 
-static int64_t unix_now_ns(void)
-{
-        struct timespec ts;
-
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Response code details of a local reply's flag (Envoy's ResponseCodeDetails). */
 static const char *flag_details(int f)
 {
@@ -610,7 +602,7 @@ static void t_record_begin(struct l7t *t, bool have_head)
         t->req_open = true;
         t->have_head = have_head;
         t->start_ns = wp_now_ns();
-        t->start_unix_ns = unix_now_ns();
+        t->start_unix_ns = wp_unix_now_ns();
         t->resp_wire = 0;
         t->req_body = 0;
         t->resp_body = 0;

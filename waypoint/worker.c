@@ -286,14 +286,6 @@ void wp_worker_access_log(struct wp_worker *w, const struct wp_chain *ch, const 
         }
 }
 
-static int64_t unix_now_ns(void)
-{
-        struct timespec ts;
-
-        clock_gettime(CLOCK_REALTIME, &ts);
-        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* istio_tcp_connections_opened_total and friends for an established L4 tunnel, labelled as
  * Envoy's istio.stats labels a waypoint's TCP traffic (wp_worker_metric_labels). */
 static void tunnel_metrics_open(struct tunnel *t)
@@ -756,7 +748,7 @@ static int tunnel_begin(struct wp_worker *w, struct hbone_conn *conn, struct hbo
         t->w = w;
         t->id = ++w->next_id;
         t->start_ns = wp_now_ns();
-        t->start_unix_ns = unix_now_ns();
+        t->start_unix_ns = wp_unix_now_ns();
         if (dst && dstlen <= sizeof(t->dst))
                 memcpy(&t->dst, dst, dstlen);
         wp_list_init(&t->wait_link);
