@@ -5,6 +5,8 @@ HTTP/1.1 client speaking inside an HBONE tunnel (hbonelib.Tunnel).
   http_chain      an http_connection_manager filter chain (istiod's waypoint shape: peer metadata,
                   stats, fault/cors placeholders, optional RBAC, router) with an inline
                   RouteConfiguration
+  route, route_config  a Route / an inline one-virtual-host RouteConfiguration
+  AUTHZ_RBAC      the RBAC rules of test_l7's and test_clients' authz service
   with_http_chains  make_config() output with some services' TCP chains replaced by HTTP chains
   HttpBackend     a threaded HTTP/1.1 server (keep-alive, chunked bodies) answering JSON about what
                   it received; modes for slow, flaky (503 N times per path) and WebSocket-like echo
@@ -55,6 +57,39 @@ def http_chain(name, route_config, rbac=None, websocket=True):
         hcm['upgrade_configs'] = [{'upgrade_type': 'websocket'}]
     return {'name': name, 'filters': [
         {'name': 'envoy.filters.network.http_connection_manager', 'typed_config': hcm}]}
+
+
+def route(match, **action):
+    """One Route: the match dict plus its action keys (route=, redirect=, header edits...)."""
+    r = {'match': match}
+    r.update(action)
+    return r
+
+
+def route_config(name, routes):
+    """An inline RouteConfiguration: one catch-all virtual host holding routes."""
+    return {'name': name, 'validate_clusters': False,
+            'virtual_hosts': [{'name': name, 'domains': ['*'], 'routes': routes}]}
+
+
+# The RBAC rules the authz services use in test_l7 and test_clients: GET /public for anyone,
+# /admin for hbonelib.CLIENT_ID, /other for some other identity (so denied to the client).
+AUTHZ_RBAC = {'policies': {
+    'public-get': {
+        'permissions': [{'and_rules': {'rules': [
+            {'header': {'name': ':method', 'string_match': {'exact': 'GET'}}},
+            {'url_path': {'path': {'prefix': '/public'}}}]}}],
+        'principals': [{'any': True}]},
+    'admin-for-client': {
+        'permissions': [{'url_path': {'path': {'prefix': '/admin'}}}],
+        'principals': [{'filter_state': {'key': 'io.istio.peer_principal',
+                                         'string_match': {'exact': hbonelib.CLIENT_ID}}}]},
+    'other-for-someone-else': {
+        'permissions': [{'url_path': {'path': {'prefix': '/other'}}}],
+        'principals': [{'filter_state': {
+            'key': 'io.istio.peer_principal',
+            'string_match': {'exact': 'spiffe://cluster.local/ns/x/sa/y'}}}]},
+}}
 
 
 def with_http_chains(cfg, chains):

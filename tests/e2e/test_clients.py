@@ -20,21 +20,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hbonelib  # noqa: E402
-from hbonelib import (CLIENT_ID, Endpoint, Service, Waypoint, block_for,  # noqa: E402
-                      make_config)
-from l7lib import HboneForward, HttpBackend, http_chain, with_http_chains  # noqa: E402
+from hbonelib import Endpoint, Service, Waypoint, block_for, make_config  # noqa: E402
+from l7lib import (AUTHZ_RBAC, HboneForward, HttpBackend, http_chain, route,  # noqa: E402
+                   route_config, with_http_chains)
 
 PODS = (31, 32, 33)
 V2_POD = 34
 APP_PORT = 8080
 CURL = shutil.which('curl')
 NGHTTP = shutil.which('nghttp')
-
-
-def route(match, **action):
-    r = {'match': match}
-    r.update(action)
-    return r
 
 
 class Topo:
@@ -75,32 +69,12 @@ class Topo:
                   response_headers_to_remove=['x-backend-secret']),
             route({'prefix': '/'}, route={'cluster': c('web')}),
         ]
-        rbac = {'policies': {
-            'public-get': {
-                'permissions': [{'and_rules': {'rules': [
-                    {'header': {'name': ':method', 'string_match': {'exact': 'GET'}}},
-                    {'url_path': {'path': {'prefix': '/public'}}}]}}],
-                'principals': [{'any': True}]},
-            'admin-for-client': {
-                'permissions': [{'url_path': {'path': {'prefix': '/admin'}}}],
-                'principals': [{'filter_state': {'key': 'io.istio.peer_principal',
-                                                 'string_match': {'exact': CLIENT_ID}}}]},
-            'other-for-someone-else': {
-                'permissions': [{'url_path': {'path': {'prefix': '/other'}}}],
-                'principals': [{'filter_state': {
-                    'key': 'io.istio.peer_principal',
-                    'string_match': {'exact': 'spiffe://cluster.local/ns/x/sa/y'}}}]},
-        }}
-
-        def rc(name, routes):
-            return {'name': name, 'validate_clusters': False,
-                    'virtual_hosts': [{'name': name, 'domains': ['*'], 'routes': routes}]}
         chains = {
-            c('web'): http_chain(c('web'), rc('web', web_routes)),
-            c('single'): http_chain(c('single'), rc('single', [
+            c('web'): http_chain(c('web'), route_config('web', web_routes)),
+            c('single'): http_chain(c('single'), route_config('single', [
                 route({'prefix': '/'}, route={'cluster': c('single')})])),
-            c('authz'): http_chain(c('authz'), rc('authz', [
-                route({'prefix': '/'}, route={'cluster': c('authz')})]), rbac=rbac),
+            c('authz'): http_chain(c('authz'), route_config('authz', [
+                route({'prefix': '/'}, route={'cluster': c('authz')})]), rbac=AUTHZ_RBAC),
         }
         return with_http_chains(make_config(self.wp_ip, list(self.svcs.values())), chains)
 

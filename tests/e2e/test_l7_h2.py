@@ -32,8 +32,8 @@ import test_l7  # noqa: E402
 from hbonelib import (T_CLUSTER, Endpoint, Service, Waypoint, block_for,  # noqa: E402
                       make_config)
 from l7lib import (H1, H2, GrpcBackend, H2Backend, HboneForward,  # noqa: E402
-                   allow_streams_after_goaway, grpc_frame, grpc_unframe, http_chain,
-                   with_http_chains)
+                   allow_streams_after_goaway, grpc_frame, grpc_unframe, http_chain, route,
+                   route_config, with_http_chains)
 
 try:
     import grpc
@@ -75,22 +75,17 @@ class H2Topology(test_l7.L7Topology):
 
     def config(self):
         cfg = super().config()
-        mi = cfg['resources'][hbonelib.T_LISTENER]['main_internal']
+        chains = {}
         for name in ('h2web', 'h2plain'):
             c = self.cluster(name)
             mark_http2(cfg, c)
-            rc = {'name': name, 'validate_clusters': False, 'virtual_hosts': [{
-                'name': name, 'domains': ['*'], 'routes': [
-                    test_l7.route({'prefix': '/retry'}, route={'cluster': c, 'retry_policy': {
-                        'retry_on': '5xx', 'num_retries': 2}}),
-                    test_l7.route({'prefix': '/'}, route={'cluster': c})]}]}
-            for i, fc in enumerate(mi['filter_chains']):
-                if fc['name'] == c:
-                    mi['filter_chains'][i] = http_chain(c, rc)
+            chains[c] = http_chain(c, route_config(name, [
+                route({'prefix': '/retry'}, route={'cluster': c, 'retry_policy': {
+                    'retry_on': '5xx', 'num_retries': 2}}),
+                route({'prefix': '/'}, route={'cluster': c})]))
         # attempt counts, cookie hash policy, mirroring
         cl = self.cluster
         cfg['resources'][T_CLUSTER][cl('sticky')]['lb_policy'] = 'RING_HASH'
-        route = test_l7.route
         vh = {'name': 'extras', 'domains': ['*'], 'include_request_attempt_count': True,
               'include_attempt_count_in_response': True, 'routes': [
                   route({'prefix': '/flaky'}, route={'cluster': cl('flaky'), 'retry_policy': {
@@ -104,17 +99,11 @@ class H2Topology(test_l7.L7Topology):
                   route({'prefix': '/mirror'}, route={
                       'cluster': cl('web-v2'),
                       'request_mirror_policies': [{'cluster': cl('plainweb')}]})]}
-        sink = {'name': 'sink', 'validate_clusters': False, 'virtual_hosts': [{
-            'name': 'sink', 'domains': ['*'], 'routes': [
-                route({'prefix': '/'}, route={'cluster': cl('sink'), 'timeout': '0s'})]}]}
-        for i, fc in enumerate(mi['filter_chains']):
-            if fc['name'] == cl('sink'):
-                mi['filter_chains'][i] = http_chain(cl('sink'), sink)
-        for i, fc in enumerate(mi['filter_chains']):
-            if fc['name'] == cl('extras'):
-                mi['filter_chains'][i] = http_chain(cl('extras'), {
-                    'name': 'extras', 'validate_clusters': False, 'virtual_hosts': [vh]})
-        return cfg
+        chains[cl('sink')] = http_chain(cl('sink'), route_config('sink', [
+            route({'prefix': '/'}, route={'cluster': cl('sink'), 'timeout': '0s'})]))
+        chains[cl('extras')] = http_chain(cl('extras'), {
+            'name': 'extras', 'validate_clusters': False, 'virtual_hosts': [vh]})
+        return with_http_chains(cfg, chains)
 
 
 class SinkBackend:
@@ -633,24 +622,21 @@ class GrpcBase(hbonelib.AsyncTestCase):
         for name in c.values():
             mark_http2(cfg, name)
 
-        def rc(name, routes):
-            return {'name': name, 'validate_clusters': False,
-                    'virtual_hosts': [{'name': name, 'domains': ['*'], 'routes': routes}]}
         rbac = {'policies': {'unary-only': {
             'permissions': [{'url_path': {'path': {'exact': '/test.Echo/Unary'}}}],
             'principals': [{'any': True}]}}}
         chains = {
-            c['grpc']: http_chain(c['grpc'], rc('grpc', [
-                test_l7.route({'prefix': '/broken.'}, route={'cluster': c['broken']}),
+            c['grpc']: http_chain(c['grpc'], route_config('grpc', [
+                route({'prefix': '/broken.'}, route={'cluster': c['broken']}),
                 # the grpc-timeout header decides (the route timeout does not apply)
-                test_l7.route({'prefix': '/test.Echo/SlowStream'}, route={
+                route({'prefix': '/test.Echo/SlowStream'}, route={
                     'cluster': c['grpc'], 'timeout': '1s',
                     'max_stream_duration': {'grpc_timeout_header_max': '0s'}}),
-                test_l7.route({'prefix': '/'}, route={'cluster': c['grpc'], 'timeout': '0s'})])),
-            c['grpcplain']: http_chain(c['grpcplain'], rc('grpcplain', [
-                test_l7.route({'prefix': '/'}, route={'cluster': c['grpcplain']})])),
-            c['grpcauthz']: http_chain(c['grpcauthz'], rc('grpcauthz', [
-                test_l7.route({'prefix': '/'}, route={'cluster': c['grpc']})]), rbac=rbac),
+                route({'prefix': '/'}, route={'cluster': c['grpc'], 'timeout': '0s'})])),
+            c['grpcplain']: http_chain(c['grpcplain'], route_config('grpcplain', [
+                route({'prefix': '/'}, route={'cluster': c['grpcplain']})])),
+            c['grpcauthz']: http_chain(c['grpcauthz'], route_config('grpcauthz', [
+                route({'prefix': '/'}, route={'cluster': c['grpc']})]), rbac=rbac),
         }
         chains[c['grpc']]['filters'][0]['typed_config']['access_log'] = [{
             'name': 'envoy.access_loggers.file', 'typed_config': {
