@@ -211,6 +211,7 @@ int main(int argc, char **argv)
                 LK_OPTIONS,
                 {NULL, 0, NULL, 0},
         };
+        bool bad = false;
         int c, r;
 
         LK.prog = "hbone_load";
@@ -220,10 +221,8 @@ int main(int argc, char **argv)
         while ((c = getopt_long(argc, argv, "vh", opts, NULL)) != -1) {
                 switch (c) {
                 case 'B':
-                        if (lk_parse_size(optarg, &G.bytes) < 0) {
-                                usage(stderr);
-                                return 2;
-                        }
+                        if (lk_parse_size(optarg, &G.bytes) < 0)
+                                bad = true;
                         break;
                 case 'I':
                         G.idle = true;
@@ -232,19 +231,17 @@ int main(int argc, char **argv)
                         G.sent_is_done = true;
                         break;
                 case 'H':
-                        G.hold_s = strtod(optarg, NULL);
+                        G.hold_s = lk_parse_num(optarg, &bad);
                         break;
                 case 'h':
                         usage(stdout);
                         return 0;
                 default:
-                        if (lk_option(c, optarg) <= 0) {
-                                usage(stderr);
-                                return 2;
-                        }
+                        if (lk_option(c, optarg) <= 0)
+                                bad = true;
                 }
         }
-        if (optind != argc) {
+        if (bad || optind != argc) {
                 usage(stderr);
                 return 2;
         }

@@ -837,16 +837,6 @@ static bool tconns_done(void)
         return G.tconns_done >= G.nsess;
 }
 
-static double parse_num(const char *s, bool *bad)
-{
-        char *end;
-        double v = strtod(s, &end);
-
-        if (end == s || *end || v < 0)
-                *bad = true;
-        return v;
-}
-
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -872,13 +862,13 @@ int main(int argc, char **argv)
         while ((c = getopt_long(argc, argv, "vh", opts, NULL)) != -1) {
                 switch (c) {
                 case 'D':
-                        G.duration_s = parse_num(optarg, &bad);
+                        G.duration_s = lk_parse_num(optarg, &bad);
                         break;
                 case 'W':
-                        G.warmup_s = parse_num(optarg, &bad);
+                        G.warmup_s = lk_parse_num(optarg, &bad);
                         break;
                 case 'R':
-                        G.rate = parse_num(optarg, &bad);
+                        G.rate = lk_parse_num(optarg, &bad);
                         break;
                 case 'p':
                         G.path = optarg;
@@ -903,7 +893,7 @@ int main(int argc, char **argv)
                                 bad = true;
                         break;
                 case 'S':
-                        G.streams = (unsigned)parse_num(optarg, &bad);
+                        G.streams = (unsigned)lk_parse_num(optarg, &bad);
                         break;
                 case 'L':
                         G.tls = true;

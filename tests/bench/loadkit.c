@@ -36,34 +36,45 @@ int lk_parse_size(const char *s, uint64_t *ret)
 {
         char *end;
         unsigned long long v;
+        unsigned shift = 0;
 
         errno = 0;
         v = strtoull(s, &end, 10);
-        if (errno || end == s)
+        if (errno || end == s || strchr(s, '-')) /* strtoull would negate */
                 return -EINVAL;
         switch (*end) {
         case 'k':
         case 'K':
-                v <<= 10;
+                shift = 10;
                 end++;
                 break;
         case 'm':
         case 'M':
-                v <<= 20;
+                shift = 20;
                 end++;
                 break;
         case 'g':
         case 'G':
-                v <<= 30;
+                shift = 30;
                 end++;
                 break;
         default:
                 break;
         }
-        if (*end)
+        if (*end || v > (UINT64_MAX >> shift))
                 return -EINVAL;
-        *ret = v;
+        *ret = (uint64_t)v << shift;
         return 0;
+}
+
+double lk_parse_num(const char *s, bool *bad)
+{
+        char *end;
+        double v = strtod(s, &end);
+
+        if (end == s || *end || !(v >= 0)) /* !(v >= 0): also NaN */
+                *bad = true;
+        return v;
 }
 
 static int parse_uint(const char *s, unsigned *ret)
@@ -82,7 +93,7 @@ static int parse_uint(const char *s, unsigned *ret)
 int lk_option(int c, const char *arg)
 {
         int b;
-        char *end;
+        bool bad = false;
         const char **str[] = {&LK.server, &LK.authority, &LK.cert,
                               &LK.key,    &LK.root,      &LK.trust_domain}; /* 0x101.. */
 
@@ -96,8 +107,8 @@ int lk_option(int c, const char *arg)
         case 0x108:
                 return parse_uint(arg, &LK.ntunnels);
         case 0x109:
-                LK.timeout_s = strtod(arg, &end);
-                return *end || LK.timeout_s <= 0 ? -1 : 1;
+                LK.timeout_s = lk_parse_num(arg, &bad);
+                return bad || LK.timeout_s <= 0 ? -1 : 1;
         case 0x10a:
                 b = wp_io_backend_parse(arg);
                 if (b < 0)

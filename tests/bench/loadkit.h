@@ -106,8 +106,12 @@ void lk_run_until(bool (*done)(void), uint64_t deadline_ns);
 void lk_free(void);
 void lk_note_error(const char *what);
 double lk_secs(uint64_t a, uint64_t b);
-/* Parses a byte count with an optional k/m/g (KiB/MiB/GiB) suffix. Returns 0 or -EINVAL. */
+/* Parses a byte count with an optional k/m/g (KiB/MiB/GiB) suffix. Returns 0 or -EINVAL (also
+ * when the count does not fit 64 bits). */
 int lk_parse_size(const char *s, uint64_t *ret);
+/* Parses a number >= 0 (seconds, a rate); sets *bad when s is not one (bad stays as it was
+ * otherwise, so one flag can collect a whole command line). */
+double lk_parse_num(const char *s, bool *bad);
 
 /* ---- latency histogram ---- */
 

@@ -166,26 +166,10 @@ fi
 /usr/bin/python3 tests/tools/mkpki.py "$work/pki" >/dev/null
 P=$work/pki
 CLIENT=(--cert "$P/client.pem" --key "$P/client.key" --root "$P/root.pem")
-# the benchmark configs (gen_config.py, gen_http_config.py), moved to this script's addresses
-/usr/bin/python3 - "$work" <<'PY'
-import io, json, os, sys
-from contextlib import redirect_stdout
-sys.path.insert(0, "tests/bench")
-import gen_config, gen_http_config  # noqa: E402
-work = sys.argv[1]
-sys.argv[1:] = []  # gen_config.main reads an optional argv[1]
-def gen(mod, **kw):
-    for k, v in kw.items():
-        setattr(mod, k, v)
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        mod.main()
-    return buf.getvalue()
-tcp = gen(gen_config, VIP="127.201.57.1", POD="127.0.57.1")
-http = gen(gen_http_config, VIP="127.201.57.2", POD="127.0.57.2")
-open(os.path.join(work, "l4.json"), "w").write(tcp)
-open(os.path.join(work, "l7.json"), "w").write(http)
-PY
+# the benchmark configs (gen_config.py, gen_http_config.py) at this script's addresses
+/usr/bin/python3 tests/bench/gen_config.py --vip 127.201.57.1 --pod 127.0.57.1 >"$work/l4.json"
+/usr/bin/python3 tests/bench/gen_http_config.py --vip 127.201.57.2 --pod 127.0.57.2 \
+        >"$work/l7.json"
 
 wait_port() { # host port
         for _ in $(seq 100); do
